@@ -1,0 +1,66 @@
+"""mtl_jax: multi-task optimization in JAX.
+
+Task-balancing methods (MGDA, PCGrad, CAGrad, Nash-MTL, UPGrad, uncertainty weighting, FAMO,
+...) as composable optax transforms over per-task Jacobians::
+
+    import mtl_jax as mtl
+    (losses, aux), jac = mtl.value_and_jacobian(loss_fn, has_aux=True)(params, batch)
+    tx = optax.chain(mtl.upgrad(), mtl.sum_tasks(), optax.adam(1e-3))
+"""
+
+from mtl_jax import solvers
+from mtl_jax.jacobian import (
+    STRATEGIES,
+    auto_strategy,
+    combine_rows,
+    gramian,
+    jacobian_rows,
+    num_tasks,
+    scale_rows,
+    value_and_jacobian,
+    weighted_sum,
+)
+from mtl_jax.registry import BALANCERS, JACOBIAN_METHODS, LOSS_METHODS, build_chain, get_balancer
+from mtl_jax.solvers import min_norm_simplex, project_simplex
+from mtl_jax.transforms.base import (
+    gramian_weighting,
+    label_by_path,
+    mean_tasks,
+    scalarize,
+    shared_only,
+    sum_tasks,
+)
+
+# -- Jacobian-level methods (issue 4) --
+
+# -- loss-level methods (issue 5) --
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BALANCERS",
+    "JACOBIAN_METHODS",
+    "LOSS_METHODS",
+    "STRATEGIES",
+    "auto_strategy",
+    "build_chain",
+    "combine_rows",
+    "get_balancer",
+    "gramian",
+    "gramian_weighting",
+    "jacobian_rows",
+    "label_by_path",
+    "mean_tasks",
+    "min_norm_simplex",
+    "num_tasks",
+    "project_simplex",
+    "scalarize",
+    "scale_rows",
+    "shared_only",
+    "solvers",
+    "sum_tasks",
+    "value_and_jacobian",
+    "weighted_sum",
+    # -- Jacobian-level methods (issue 4) --
+    # -- loss-level methods (issue 5) --
+]

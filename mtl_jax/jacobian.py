@@ -1,0 +1,295 @@
+"""Per-task Jacobian engine and task-axis utilities.
+
+A multi-task loss function returns a vector of K per-task losses. Its per-task Jacobian is a
+pytree shaped like the parameters whose every leaf has a leading task axis of size K: row k is
+the gradient of loss k. Everything else in mtl_jax consumes that pytree.
+
+The engine computes it with one forward pass (a single `jax.vjp`) and K vector-Jacobian
+products against one-hot cotangents. How the K products are laid out matters a lot by backend
+(see `benchmarks/jacobian.py` and the README table), so several strategies are offered:
+
+* ``'unrolled'``: the K VJP calls are unrolled in the traced graph (fastest on CPU).
+* ``'vmap'``: one VJP vmapped over the K one-hot cotangents (a single batched backward pass;
+  the usual choice on accelerators, but about twice the temporary memory).
+* ``chunk_size=c``: vmap over chunks of ``c`` cotangents, the chunks unrolled; bounds the
+  memory of the batched backward pass for hundreds of tasks.
+* ``'auto'``: picks one of the above from the backend and K (see `auto_strategy`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+Strategy = Literal["auto", "vmap", "unrolled"]
+STRATEGIES = ("auto", "vmap", "unrolled")
+
+# K above which 'auto' stops unrolling on CPU: the graph (and compile time) grows with K.
+_CPU_UNROLL_MAX_TASKS = 64
+_CPU_LARGE_K_CHUNK = 8
+
+
+def auto_strategy(num_tasks: int, backend: str | None = None) -> tuple[str, int | None]:
+    """The (strategy, chunk_size) that ``strategy='auto'`` uses.
+
+    Chosen from `benchmarks/jacobian.py` (see the README): on CPU, unrolled VJP calls beat
+    the batched (vmap) backward pass by 2-3x at every K measured and use less memory; beyond
+    `_CPU_UNROLL_MAX_TASKS` tasks the graph is chunked to keep compile time bounded. On GPU
+    and TPU a batched backward pass fills the device better, so ``'vmap'`` is used.
+    """
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        if num_tasks <= _CPU_UNROLL_MAX_TASKS:
+            return "unrolled", None
+        return "vmap", _CPU_LARGE_K_CHUNK
+    return "vmap", None
+
+
+def _check_losses(losses: Any) -> None:
+    shape = getattr(losses, "shape", None)
+    if shape is None or len(shape) != 1:
+        raise ValueError(
+            "value_and_jacobian: `fun` must return a 1-D vector of per-task losses (shape [K]); "
+            f"got {'a non-array ' + type(losses).__name__ if shape is None else 'shape ' + str(tuple(shape))}. "
+            "Stack the task losses, e.g. `jnp.stack([loss_a, loss_b])`."
+        )
+    if shape[0] == 0:
+        raise ValueError("value_and_jacobian: `fun` returned an empty loss vector (K = 0).")
+
+
+def _stack_rows(rows: Sequence[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+
+def _concat_chunks(chunks: Sequence[PyTree]) -> PyTree:
+    if len(chunks) == 1:
+        return chunks[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *chunks)
+
+
+def jacobian_rows(
+    vjp_fn: Callable[[jax.Array], PyTree],
+    num_tasks: int,
+    dtype: Any,
+    strategy: Strategy = "auto",
+    chunk_size: int | None = None,
+) -> PyTree:
+    """Calls ``vjp_fn`` on the K one-hot cotangents and stacks the results on a task axis.
+
+    This is the engine under `value_and_jacobian`; use it directly when you already hold a VJP
+    function (e.g. the representation-level Jacobian of a shared encoder's output).
+
+    Args:
+      vjp_fn: a VJP function from ``jax.vjp`` of a function with a [K] output.
+      num_tasks: K.
+      dtype: dtype of the output (of the cotangents).
+      strategy: ``'auto'``, ``'vmap'`` or ``'unrolled'``.
+      chunk_size: if set, rows are computed ``chunk_size`` at a time (vmapped within a chunk,
+        chunks unrolled). Overrides the strategy's own layout.
+
+    Returns:
+      Whatever ``vjp_fn`` returns, with every leaf given a leading axis of size K.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown Jacobian strategy {strategy!r}; valid: {', '.join(STRATEGIES)}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    if strategy == "auto" and chunk_size is None:
+        strategy, chunk_size = auto_strategy(num_tasks)
+    eye = jnp.eye(num_tasks, dtype=dtype)
+    if chunk_size is not None and chunk_size < num_tasks:
+        batched = jax.vmap(vjp_fn)
+        chunks = [batched(eye[s : s + chunk_size]) for s in range(0, num_tasks, chunk_size)]
+        return _concat_chunks(chunks)
+    if strategy == "unrolled":
+        return _stack_rows([vjp_fn(eye[k]) for k in range(num_tasks)])
+    return jax.vmap(vjp_fn)(eye)
+
+
+def value_and_jacobian(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    strategy: Strategy = "auto",
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Creates a function that evaluates ``fun`` and its per-task Jacobian.
+
+    ``fun`` returns a 1-D vector of K per-task losses (or ``(losses, aux)`` with
+    ``has_aux=True``). The Jacobian costs one forward pass plus K backward passes: a single
+    ``jax.vjp`` whose VJP function is applied to the K one-hot cotangents.
+
+    Args:
+      fun: function returning per-task losses of shape [K].
+      argnums: as in ``jax.grad``: which positional argument(s) to differentiate.
+      has_aux: as in ``jax.value_and_grad``.
+      strategy: ``'auto'`` (default), ``'vmap'`` or ``'unrolled'``; see the module docstring.
+      chunk_size: compute the K rows ``chunk_size`` at a time to bound memory.
+
+    Returns:
+      A function with the signature of ``fun`` returning ``(losses, jac)`` or
+      ``((losses, aux), jac)``, where ``jac`` has the structure of ``args[argnums]`` and every
+      leaf has shape ``[K, *param_leaf.shape]`` (a tuple of such pytrees when ``argnums`` is a
+      sequence).
+
+    Example:
+      >>> import jax.numpy as jnp, mtl_jax as mtl
+      >>> f = lambda w: jnp.stack([jnp.sum(w ** 2), jnp.sum(w)])
+      >>> losses, jac = mtl.value_and_jacobian(f)(jnp.ones(3))
+      >>> jac.shape
+      (2, 3)
+    """
+    multiple = not isinstance(argnums, int)
+    argnums_t = tuple(argnums) if multiple else (argnums,)
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        for i in argnums_t:
+            if i >= len(args):
+                raise ValueError(
+                    f"value_and_jacobian: argnums={argnums} but only {len(args)} positional "
+                    "arguments were given."
+                )
+
+        def partial_fun(*diff_args):
+            full = list(args)
+            for i, a in zip(argnums_t, diff_args, strict=True):
+                full[i] = a
+            out = fun(*full, **kwargs)
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise ValueError(
+                        "value_and_jacobian(has_aux=True): `fun` must return (losses, aux); "
+                        f"got {type(out).__name__}."
+                    )
+                losses, aux = out
+            else:
+                losses, aux = out, None
+            _check_losses(losses)
+            return losses, aux
+
+        diff_args = tuple(args[i] for i in argnums_t)
+        losses, vjp_fn, aux = jax.vjp(partial_fun, *diff_args, has_aux=True)
+        jac = jacobian_rows(vjp_fn, losses.shape[0], losses.dtype, strategy, chunk_size)
+        if not multiple:
+            jac = jac[0]
+        return ((losses, aux), jac) if has_aux else (losses, jac)
+
+    return wrapped
+
+
+# ----------------------------------------------------------------------------------------------
+# Task-axis utilities.
+
+
+def num_tasks(jac: PyTree, params: PyTree | None = None) -> int:
+    """The size K of the task axis, after checking that ``jac`` is a per-task Jacobian.
+
+    Args:
+      jac: a pytree whose every leaf has a leading task axis.
+      params: optional parameters; if given, every Jacobian leaf must be ``[K, *param.shape]``.
+        This catches a plain gradient passed where a Jacobian is expected.
+
+    Raises:
+      ValueError: naming the offending leaf path and shapes.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(jac)
+    if not leaves:
+        raise ValueError("Expected a per-task Jacobian pytree, got an empty pytree.")
+    k = None
+    first_path = None
+    for path, leaf in leaves:
+        shape = jnp.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"Jacobian leaf {path_str(path)} is a scalar; every leaf needs a "
+                "leading task axis [K, ...]. Did you pass a gradient instead of the Jacobian "
+                "from mtl.value_and_jacobian?"
+            )
+        if k is None:
+            k, first_path = shape[0], path
+        elif shape[0] != k:
+            raise ValueError(
+                "Jacobian leaves disagree on the task axis: "
+                f"{path_str(first_path)} has K={k} but "
+                f"{path_str(path)} has shape {tuple(shape)}. Every leaf must be "
+                "[K, *param_shape]; did you pass a gradient instead of a Jacobian?"
+            )
+    if params is not None:
+        jac_paths = jax.tree_util.tree_structure(jac)
+        par_paths = jax.tree_util.tree_structure(params)
+        if jac_paths == par_paths:
+            for (path, leaf), p in zip(leaves, jax.tree.leaves(params), strict=True):
+                if tuple(jnp.shape(leaf)[1:]) != tuple(jnp.shape(p)):
+                    raise ValueError(
+                        f"Jacobian leaf {path_str(path)} has shape "
+                        f"{tuple(jnp.shape(leaf))}, expected [K, *{tuple(jnp.shape(p))}] for "
+                        "its parameter. Balancing transforms take the per-task Jacobian "
+                        "(mtl.value_and_jacobian), not a gradient."
+                    )
+    return int(k)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A readable pytree path for error messages (``'<root>'`` for a bare array)."""
+    return path_str(path) or "<root>"
+
+
+def _flat_rows(leaf: jax.Array) -> jax.Array:
+    return jnp.reshape(leaf, (leaf.shape[0], -1))
+
+
+def gramian(jac: PyTree) -> jax.Array:
+    """The K x K Gramian ``G = J J^T`` of a per-task Jacobian, summed over leaves.
+
+    Accumulates in float32 (or float64 when the leaves are float64) whatever the leaf dtype. With
+    sharded parameters XLA turns the sum over a sharded leaf into one all-reduce.
+    """
+    k = num_tasks(jac)
+    leaves = jax.tree.leaves(jac)
+    acc = jnp.result_type(jnp.float32, *[leaf.dtype for leaf in leaves])
+    g = jnp.zeros((k, k), acc)
+    for leaf in leaves:
+        rows = _flat_rows(leaf)
+        g = g + jnp.matmul(
+            rows, rows.T, preferred_element_type=acc, precision=jax.lax.Precision.HIGHEST
+        )
+    return g
+
+
+def scale_rows(jac: PyTree, weights: jax.Array) -> PyTree:
+    """``diag(weights) @ J``: row k of every leaf multiplied by ``weights[k]``."""
+
+    def scale(leaf):
+        w = weights.astype(leaf.dtype) if weights.dtype != leaf.dtype else weights
+        return leaf * jnp.reshape(w, (-1,) + (1,) * (leaf.ndim - 1))
+
+    return jax.tree.map(scale, jac)
+
+
+def combine_rows(jac: PyTree, matrix: jax.Array) -> PyTree:
+    """``matrix @ J`` for a [K_out, K] matrix: each output row a combination of task rows."""
+
+    def combine(leaf):
+        rows = _flat_rows(leaf)
+        out = jnp.matmul(
+            matrix.astype(rows.dtype), rows, precision=jax.lax.Precision.HIGHEST
+        )
+        return jnp.reshape(out, (matrix.shape[0],) + leaf.shape[1:])
+
+    return jax.tree.map(combine, jac)
+
+
+def weighted_sum(jac: PyTree, weights: jax.Array) -> PyTree:
+    """``weights @ J``: the gradient-shaped combination ``sum_k weights[k] * J[k]``."""
+
+    def reduce(leaf):
+        return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
+
+    return jax.tree.map(reduce, jac)

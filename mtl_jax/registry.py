@@ -1,0 +1,77 @@
+"""Balancing methods by name: the explicit list the harness and the common tests use.
+
+No import-time registration: a name here is looked up with ``getattr(mtl_jax, name)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optax
+
+# Jacobian -> Jacobian balancing methods (README method table; METHODS.md section 1).
+JACOBIAN_METHODS: tuple[str, ...] = (
+    "scalarize",
+    # -- Jacobian-level methods (issue 4) go here --
+)
+
+# Loss-level methods: weights from losses, rows scaled (METHODS.md section 2).
+LOSS_METHODS: tuple[str, ...] = (
+    # -- loss-level methods (issue 5) go here --
+)
+
+BALANCERS: tuple[str, ...] = JACOBIAN_METHODS + LOSS_METHODS
+REDUCERS: tuple[str, ...] = ("sum_tasks", "mean_tasks")
+
+
+def _factory(name: str):
+    import mtl_jax  # local import: mtl_jax imports this module
+
+    if name not in BALANCERS + REDUCERS or not hasattr(mtl_jax, name):
+        raise ValueError(
+            f"Unknown balancing method {name!r}. Valid names: {', '.join(sorted(BALANCERS))}; "
+            f"reducers: {', '.join(REDUCERS)}."
+        )
+    return getattr(mtl_jax, name)
+
+
+def get_balancer(name: str, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+    """Builds the balancing transform ``name`` with ``kwargs``.
+
+    Raises:
+      ValueError: for an unknown name (listing the valid ones) or keyword arguments the method
+        does not accept (listing the ones it does).
+    """
+    factory = _factory(name)
+    sig = inspect.signature(factory)
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        accepted = ", ".join(
+            p.name for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD
+        )
+        raise ValueError(
+            f"Bad arguments for balancing method {name!r}: {e}. It accepts: {accepted or '(none)'}."
+        ) from None
+    return factory(**kwargs)
+
+
+def build_chain(specs: Sequence[Mapping[str, Any] | str]) -> optax.GradientTransformationExtraArgs:
+    """Chains Jacobian -> Jacobian methods given as names or ``{'name': ..., **kwargs}`` specs.
+
+    The result still maps a Jacobian to a Jacobian; append a reducer (`mtl.sum_tasks`).
+    """
+    txs = []
+    for spec in specs:
+        if isinstance(spec, str):
+            name, kwargs = spec, {}
+        else:
+            spec = dict(spec)
+            if "name" not in spec:
+                raise ValueError(f"Balancer spec {spec!r} has no 'name' field.")
+            name = spec.pop("name")
+            kwargs = dict(spec.pop("kwargs", {}), **spec)
+        txs.append(get_balancer(name, **kwargs))
+    return optax.chain(*txs)
