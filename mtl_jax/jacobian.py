@@ -53,9 +53,10 @@ def auto_strategy(num_tasks: int, backend: str | None = None) -> tuple[str, int 
 def _check_losses(losses: Any) -> None:
     shape = getattr(losses, "shape", None)
     if shape is None or len(shape) != 1:
+        got = f"a {type(losses).__name__}" if shape is None else f"shape {tuple(shape)}"
         raise ValueError(
             "value_and_jacobian: `fun` must return a 1-D vector of per-task losses (shape [K]); "
-            f"got {'a non-array ' + type(losses).__name__ if shape is None else 'shape ' + str(tuple(shape))}. "
+            f"got {got}. "
             "Stack the task losses, e.g. `jnp.stack([loss_a, loss_b])`."
         )
     if shape[0] == 0:
@@ -238,7 +239,7 @@ def num_tasks(jac: PyTree, params: PyTree | None = None) -> int:
 
 def path_str(path: tuple[Any, ...]) -> str:
     """A readable pytree path for error messages (``'<root>'`` for a bare array)."""
-    return path_str(path) or "<root>"
+    return jax.tree_util.keystr(path) or "<root>"
 
 
 def _flat_rows(leaf: jax.Array) -> jax.Array:
@@ -278,9 +279,7 @@ def combine_rows(jac: PyTree, matrix: jax.Array) -> PyTree:
 
     def combine(leaf):
         rows = _flat_rows(leaf)
-        out = jnp.matmul(
-            matrix.astype(rows.dtype), rows, precision=jax.lax.Precision.HIGHEST
-        )
+        out = jnp.matmul(matrix.astype(rows.dtype), rows, precision=jax.lax.Precision.HIGHEST)
         return jnp.reshape(out, (matrix.shape[0],) + leaf.shape[1:])
 
     return jax.tree.map(combine, jac)

@@ -49,9 +49,7 @@ def get_balancer(name: str, **kwargs: Any) -> optax.GradientTransformationExtraA
     try:
         sig.bind(**kwargs)
     except TypeError as e:
-        accepted = ", ".join(
-            p.name for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD
-        )
+        accepted = ", ".join(p.name for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD)
         raise ValueError(
             f"Bad arguments for balancing method {name!r}: {e}. It accepts: {accepted or '(none)'}."
         ) from None

@@ -133,4 +133,5 @@ def min_norm_simplex(
     if polish and k > 1:
         w = _polish_simplex(g, w, support_tol=1e-6)
     w = jnp.where(jnp.all(jnp.isfinite(w)), w, uniform)
-    return jnp.where(finite, w, uniform).astype(gramian.dtype if gramian.dtype != jnp.bfloat16 else jnp.float32)
+    out_dtype = jnp.float32 if gramian.dtype == jnp.bfloat16 else gramian.dtype
+    return jnp.where(finite, w, uniform).astype(out_dtype)

@@ -207,4 +207,3 @@ def check_task_losses(name: str, task_losses: Any, num_tasks: int) -> jax.Array:
             "(one loss per task)."
         )
     return task_losses
-
