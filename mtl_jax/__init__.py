@@ -30,6 +30,11 @@ from mtl_jax.transforms.base import (
     shared_only,
     sum_tasks,
 )
+from mtl_jax.transforms.loss_base import (
+    LossWeighting,
+    from_loss_weighting,
+    weighted_value_and_grad,
+)
 
 # -- Jacobian-level methods (issue 4) --
 
@@ -38,6 +43,9 @@ from mtl_jax.transforms.base import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossWeighting",
+    "from_loss_weighting",
+    "weighted_value_and_grad",
     "BALANCERS",
     "JACOBIAN_METHODS",
     "LOSS_METHODS",

@@ -50,7 +50,7 @@ def auto_strategy(num_tasks: int, backend: str | None = None) -> tuple[str, int 
     return "vmap", None
 
 
-def _check_losses(losses: Any) -> None:
+def check_losses(losses: Any) -> None:
     shape = getattr(losses, "shape", None)
     if shape is None or len(shape) != 1:
         got = f"a {type(losses).__name__}" if shape is None else f"shape {tuple(shape)}"
@@ -172,7 +172,7 @@ def value_and_jacobian(
                 losses, aux = out
             else:
                 losses, aux = out, None
-            _check_losses(losses)
+            check_losses(losses)
             return losses, aux
 
         diff_args = tuple(args[i] for i in argnums_t)
