@@ -20,6 +20,17 @@ JACOBIAN_METHODS: tuple[str, ...] = (
 # Loss-level methods: weights from losses, rows scaled (METHODS.md section 2).
 LOSS_METHODS: tuple[str, ...] = (
     # -- loss-level methods (issue 5) go here --
+    # part D (LibMTL loss-level methods)
+    "uncertainty_weighting",
+    "gradnorm",
+    "dwa",
+    "rlw",
+    "gls",
+    "imtl_l",
+    "db_mtl",
+    "famo",
+    "stch",
+    "excess_mtl",
 )
 
 BALANCERS: tuple[str, ...] = JACOBIAN_METHODS + LOSS_METHODS

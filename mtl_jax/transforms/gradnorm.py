@@ -1,0 +1,207 @@
+"""GradNorm: gradient normalization for adaptive loss balancing (Chen et al., ICML 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_jax import jacobian as jac_lib
+from mtl_jax.transforms import base
+from mtl_jax.transforms.loss_base import LossWeighting, _checked_update
+from mtl_jax.transforms.loss_weighting import (
+    check_num_tasks_arg,
+    check_positive,
+    current_epoch,
+    libmtl_default_optimizer,
+    safe_div,
+)
+
+PyTree = Any
+_F32 = jnp.float32
+
+
+def task_grad_norms(jac: PyTree, param_mask: PyTree | None = None) -> jax.Array:
+    """Per-task gradient norms ``||J_k||`` over the parameters selected by ``param_mask``.
+
+    Args:
+      jac: Jacobian pytree (leaves ``[K, *param.shape]``).
+      param_mask: ``None`` (all leaves) or a pytree of bools that is a prefix of ``jac``'s
+        structure (e.g. ``{'encoder': {'last': True, 'rest': False}, 'heads': False}``).
+
+    Returns:
+      [K] float32 norms (accumulated in float32).
+    """
+    k = jac_lib.num_tasks(jac)
+    total = jnp.zeros((k,), _F32)
+    if param_mask is None:
+        selected = jax.tree.leaves(jac)
+    else:
+        picked = jax.tree.map(lambda m, sub: jax.tree.leaves(sub) if m else [], param_mask, jac)
+        selected = [
+            leaf
+            for group in jax.tree.leaves(picked, is_leaf=lambda x: isinstance(x, list))
+            for leaf in group
+        ]
+    for leaf in selected:
+        rows = jnp.reshape(leaf, (k, -1)).astype(_F32)
+        total = total + jnp.sum(rows * rows, axis=1)
+    return jnp.sqrt(total)
+
+
+class GradNormState(NamedTuple):
+    """State of `gradnorm`: weight logits, their optimizer state, initial (first-epoch) losses."""
+
+    step: jax.Array  # int32, number of calls
+    first_epoch: jax.Array  # int32, epoch of the first call
+    init_loss_sum: jax.Array  # [K], sum of the first epoch's losses
+    init_loss_count: jax.Array  # float32
+    logits: jax.Array  # [K], LibMTL's ``loss_scale``; weights = K softmax(logits)
+    opt_state: optax.OptState
+
+
+def gradnorm_weighting(
+    num_tasks: int,
+    alpha: float = 1.5,
+    optimizer: optax.GradientTransformation | None = None,
+) -> LossWeighting:
+    """GradNorm as a pure loss weighting; needs the per-task gradient norms as ``grad_norms``.
+
+    Weights ``w = K softmax(p)`` (LibMTL's parametrization; they sum to K). During the first
+    epoch the weights are 1 and the mean losses of that epoch are recorded as ``L(0)``; after
+    it, each ``update`` returns ``w`` at the current ``p`` and takes one ``optimizer`` step on
+    ``p`` with the gradient of GradNorm's loss
+    ``sum_k |w_k n_k - mean(w n) r_k^alpha|`` (target held constant), where ``n_k`` are the
+    unweighted per-task gradient norms over the chosen parameters and
+    ``r_k = (L_k / L_k(0)) / mean_j (L_j / L_j(0))``.
+
+    Epochs: pass ``epoch=`` at every call (as LibMTL); without it each call is one epoch, so
+    the first call gives ``L(0)`` (the paper's initial loss) and GradNorm acts from call 2.
+
+    Args:
+      num_tasks: K.
+      alpha: restoring-force strength (>= 0; paper and LibMTL: 1.5).
+      optimizer: optax transform training ``p`` (default LibMTL's Adam(1e-4), L2 1e-5, the
+        model optimizer that trains ``loss_scale`` in LibMTL).
+
+    Returns:
+      A `LossWeighting`; its state is `GradNormState`. Update extra args: ``grad_norms`` ([K],
+      required: per-task gradient norms over the GradNorm parameter subset, e.g. the last
+      shared layer, from `task_grad_norms` or K cheap backward passes to that layer) and
+      ``epoch`` (optional).
+
+    References:
+      Chen, Badrinarayanan, Lee, Rabinovich. GradNorm: Gradient Normalization for Adaptive
+      Loss Balancing in Deep Multitask Networks. ICML 2018.
+
+      Checked against: LibMTL ``LibMTL/weighting/GradNorm.py`` (softmax parametrization,
+      ``loss_scale`` init 1, EW during epoch 0, ``L(0)`` = epoch-0 mean training loss).
+    """
+    name = "gradnorm"
+    k = check_num_tasks_arg(name, num_tasks)
+    alpha = check_positive(name, "alpha", alpha, allow_zero=True)
+    opt = optimizer if optimizer is not None else libmtl_default_optimizer()
+
+    def init():
+        p = jnp.ones((k,), _F32)
+        i = jnp.zeros((), jnp.int32)
+        z = jnp.zeros((k,), _F32)
+        return GradNormState(i, i, z, jnp.zeros((), _F32), p, opt.init(p))
+
+    def update(losses, state, *, grad_norms=None, epoch=None, **extra_args):
+        del extra_args
+        if grad_norms is None:
+            raise ValueError(
+                "gradnorm needs the per-task gradient norms: pass grad_norms=[K] (e.g. "
+                "mtl.task_grad_norms(jac, param_mask)); the mtl.gradnorm transform does it."
+            )
+        norms = jnp.asarray(grad_norms, _F32)
+        if norms.shape != (k,):
+            raise ValueError(f"gradnorm: grad_norms has shape {norms.shape}, expected ({k},).")
+        losses = losses.astype(_F32)
+        e = current_epoch(epoch, state.step)
+        first_epoch = jnp.where(state.step == 0, e, state.first_epoch)
+        first = e == first_epoch
+        init_sum = state.init_loss_sum + jnp.where(first, losses, 0.0)
+        init_count = state.init_loss_count + first.astype(_F32)
+
+        s = jax.nn.softmax(state.logits)
+        w = k * s
+        g = w * norms
+        ratio = safe_div(losses, init_sum / jnp.maximum(init_count, 1.0))
+        r = jnp.maximum(safe_div(ratio, jnp.mean(ratio)), 0.0)
+        target = jnp.mean(g) * r**alpha
+        grad_w = jnp.sign(g - target) * norms
+        grad_p = k * s * (grad_w - jnp.dot(s, grad_w))
+        updates, opt_state = opt.update(grad_p, state.opt_state, state.logits)
+        stepped = optax.apply_updates(state.logits, updates)
+        logits = jnp.where(first, state.logits, stepped)
+        opt_state = jax.tree.map(lambda a, b: jnp.where(first, b, a), opt_state, state.opt_state)
+        weights = jnp.where(first, jnp.ones((k,), _F32), w)
+        new = GradNormState(state.step + 1, first_epoch, init_sum, init_count, logits, opt_state)
+        return weights, new
+
+    return LossWeighting(init, update, k, name)
+
+
+def gradnorm(
+    num_tasks: int,
+    alpha: float = 1.5,
+    optimizer: optax.GradientTransformation | None = None,
+    param_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """GradNorm: rows scaled by learned weights that equalize the tasks' training rates.
+
+    The per-task gradient norms are read from the Jacobian restricted to ``param_mask``. The
+    default (``None``) takes every parameter the transform sees, which is LibMTL's choice (all
+    shared parameters: use it inside `shared_only`); the paper's choice is the last shared
+    layer, which is also far cheaper in the one-backward path: pass a mask selecting it.
+
+    Loss-only path: ``mtl.weighted_value_and_grad(loss_fn, mtl.gradnorm_weighting(K))`` with
+    ``grad_norms=`` the per-task gradient norms of that layer (K backward passes through the
+    heads only, e.g. `mtl.value_and_jacobian` w.r.t. the last shared layer's parameters, then
+    `task_grad_norms`); it cannot get them from the losses alone.
+
+    Args:
+      num_tasks: K.
+      alpha: restoring-force strength (paper and LibMTL: 1.5).
+      optimizer: optax transform training the weight logits (default LibMTL's Adam(1e-4),
+        L2 1e-5).
+      param_mask: pytree of bools (a prefix of the parameter structure) selecting the
+        parameters whose gradient norms GradNorm balances, or a function of ``params``
+        returning it; ``None``: all of them.
+
+    Update extra args: ``task_losses`` ([K], required), ``epoch`` (optional, see
+    `gradnorm_weighting`).
+
+    Example:
+      >>> mask = {'encoder': {'conv1': False, 'last': True}, 'heads': False}
+      >>> tx = optax.chain(mtl.gradnorm(3, param_mask=mask), mtl.sum_tasks(), optax.adam(1e-3))
+
+    References:
+      Chen et al. GradNorm. ICML 2018.
+
+      Checked against: LibMTL ``LibMTL/weighting/GradNorm.py``.
+    """
+    lw = gradnorm_weighting(num_tasks, alpha, optimizer)
+
+    def init_fn(params):
+        del params
+        return lw.init()
+
+    def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+        k = jac_lib.num_tasks(updates, params)
+        base.check_num_tasks(lw.name, lw.num_tasks, k)
+        mask = param_mask
+        if callable(mask):
+            if params is None:
+                raise ValueError("gradnorm: a callable param_mask needs params in tx.update.")
+            mask = mask(params)
+        extra_args = dict(extra_args, grad_norms=task_grad_norms(updates, mask))
+        weights, state = _checked_update(lw, task_losses, state, extra_args)
+        return jac_lib.scale_rows(updates, weights), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
