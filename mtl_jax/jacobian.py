@@ -292,3 +292,85 @@ def weighted_sum(jac: PyTree, weights: jax.Array) -> PyTree:
         return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
 
     return jax.tree.map(reduce, jac)
+
+
+# ----------------------------------------------------------------------------------------------
+# Large-K path: the Gramian and the combined gradient without ever holding the K x P Jacobian.
+
+
+def value_and_gramian(
+    fun: Callable[..., Any],
+    argnums: int = 0,
+    has_aux: bool = False,
+    *,
+    chunk_size: int = 8,
+) -> Callable[..., Any]:
+    """Evaluates ``fun``, the K x K Gramian of its Jacobian, and a VJP to combine the rows.
+
+    For hundreds or thousands of tasks the Jacobian (K x P) may not fit in memory. Every
+    Gramian-based method's output is a combination ``v^T J`` of the task gradients (a row
+    re-combination ``A J`` is reduced by `sum_tasks` to ``(A^T 1)^T J``), so it only needs
+    the Gramian and one more backward pass. This computes, with one linearization of ``fun``:
+
+    * ``G[rows c, :] = J (J_c)^T`` chunk by chunk: ``chunk_size`` VJPs give the rows ``J_c``,
+      then ``chunk_size`` JVPs of the same linearization give their inner products with every
+      task gradient. Peak memory is ``chunk_size`` rows, not K; the cost is K VJPs + K JVPs.
+    * ``combine(v)``: one VJP, returning the gradient-shaped ``v^T J``.
+
+    Args:
+      fun: returns per-task losses [K] (or ``(losses, aux)`` with ``has_aux``).
+      argnums: which positional argument to differentiate (an int).
+      has_aux: as in ``jax.value_and_grad``.
+      chunk_size: rows per chunk (memory vs. loop overhead). The chunks run in a ``lax.map``.
+
+    Returns:
+      A function returning ``(losses, gramian, combine)`` (``((losses, aux), gramian, combine)``
+      with ``has_aux``), to be called inside ``jit``. ``combine`` maps [K] weights to a pytree
+      shaped like ``args[argnums]``.
+
+    Example:
+      >>> losses, g, combine = mtl.value_and_gramian(loss_fn)(params, batch)  # doctest: +SKIP
+      >>> grad = combine(mtl.mgda_weights(g))                                   # doctest: +SKIP
+    """
+    if not isinstance(argnums, int):
+        raise ValueError("value_and_gramian takes a single integer argnums.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+
+    def wrapped(*args, **kwargs):
+        def partial_fun(x):
+            full = list(args)
+            full[argnums] = x
+            out = fun(*full, **kwargs)
+            losses = out[0] if has_aux else out
+            check_losses(losses)
+            return out
+
+        primal = args[argnums]
+        if has_aux:
+            losses, jvp_fn, aux = jax.linearize(partial_fun, primal, has_aux=True)
+        else:
+            losses, jvp_fn = jax.linearize(partial_fun, primal)
+        transpose = jax.linear_transpose(jvp_fn, primal)
+        vjp_fn = lambda v: transpose(v)[0]
+        k = losses.shape[0]
+        c = min(chunk_size, k)
+        n_chunks = -(-k // c)
+        eye = jnp.eye(n_chunks * c, k, dtype=losses.dtype).reshape(n_chunks, c, k)
+
+        def gram_chunk(cotangents):
+            rows = jax.vmap(vjp_fn)(cotangents)  # c rows of J, [c, *primal]
+            return jax.vmap(jvp_fn)(rows)  # [c, K] = J_c J^T
+
+        g = jax.lax.map(gram_chunk, eye).reshape(n_chunks * c, k)[:k]
+        acc = jnp.result_type(jnp.float32, g.dtype)
+        g = g.astype(acc)
+        g = 0.5 * (g + g.T)
+
+        def combine(weights):
+            return vjp_fn(weights.astype(losses.dtype))
+
+        head = (losses, aux) if has_aux else losses
+        return head, g, combine
+
+    return wrapped

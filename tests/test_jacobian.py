@@ -218,3 +218,33 @@ def test_registry_errors():
     chain = mtl.build_chain([{"name": "scalarize", "weights": [1.0, 2.0]}])
     out, _ = chain.update(jnp.ones((2, 3)), chain.init(jnp.ones(3)))
     np.testing.assert_allclose(out[1], 2.0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 8])
+def test_value_and_gramian_matches_full_jacobian_path(problem, chunk_size):
+    params, x, y = problem
+
+    @jax.jit
+    def large_k(params):
+        losses, g, combine = mtl.value_and_gramian(mlp_losses, chunk_size=chunk_size)(params, x, y)
+        w = mtl.min_norm_simplex(g)
+        return losses, g, combine(w)
+
+    losses, g, grad = large_k(params)
+    _, jac = mtl.value_and_jacobian(mlp_losses)(params, x, y)
+    g_ref = mtl.gramian(jac)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    ref = mtl.weighted_sum(jac, mtl.min_norm_simplex(g_ref))
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_value_and_gramian_has_aux(problem):
+    params, x, y = problem
+    f = lambda p, x, y: (mlp_losses(p, x, y), {"n": x.shape[0]})
+    (losses, aux), g, combine = mtl.value_and_gramian(f, has_aux=True)(params, x, y)
+    assert aux["n"] == 8 and g.shape == (3, 3)
+    grad = combine(jnp.ones(3))
+    ref = jax.grad(lambda p: jnp.sum(mlp_losses(p, x, y)))(params)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
