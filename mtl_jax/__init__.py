@@ -17,6 +17,7 @@ from mtl_jax.jacobian import (
     jacobian_rows,
     num_tasks,
     scale_rows,
+    value_and_gramian,
     value_and_jacobian,
     weighted_sum,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "shared_only",
     "solvers",
     "sum_tasks",
+    "value_and_gramian",
     "value_and_jacobian",
     "weighted_sum",
     # -- Jacobian-level methods (issue 4) --
