@@ -38,6 +38,13 @@ from mtl_jax.transforms.loss_base import (
 )
 
 # -- Jacobian-level methods (issue 4) --
+# part B (projection, stochastic and iterative-solver methods)
+from mtl_jax.transforms.cagrad import cagrad, cagrad_weights
+from mtl_jax.transforms.fairgrad import fairgrad, fairgrad_weights
+from mtl_jax.transforms.graddrop import graddrop
+from mtl_jax.transforms.nash_mtl import nash_mtl, nash_mtl_weights
+from mtl_jax.transforms.pcgrad import gradvac, pcgrad, pcgrad_weights
+from mtl_jax.transforms.stochastic import cross_gramian, moco, modo, sdmgrad
 
 # -- loss-level methods (issue 5) --
 # part D (LibMTL loss-level methods)
@@ -91,6 +98,21 @@ __all__ = [
     "value_and_jacobian",
     "weighted_sum",
     # -- Jacobian-level methods (issue 4) --
+    # part B
+    "cagrad",
+    "cagrad_weights",
+    "cross_gramian",
+    "fairgrad",
+    "fairgrad_weights",
+    "graddrop",
+    "gradvac",
+    "moco",
+    "modo",
+    "nash_mtl",
+    "nash_mtl_weights",
+    "pcgrad",
+    "pcgrad_weights",
+    "sdmgrad",
     # -- loss-level methods (issue 5) --
     # part D
     "db_mtl",

@@ -15,6 +15,16 @@ import optax
 JACOBIAN_METHODS: tuple[str, ...] = (
     "scalarize",
     # -- Jacobian-level methods (issue 4) go here --
+    # part B
+    "pcgrad",
+    "cagrad",
+    "graddrop",
+    "gradvac",
+    "nash_mtl",
+    "fairgrad",
+    "moco",
+    "sdmgrad",
+    "modo",
 )
 
 # Loss-level methods: weights from losses, rows scaled (METHODS.md section 2).
