@@ -57,7 +57,8 @@ class _Element:
         self._epoch_len = epoch_len
         self._pad = pad
 
-    def __call__(self, j: int) -> dict[str, np.ndarray]:
+    def __call__(self, j: int, _) -> dict[str, np.ndarray]:
+        # j: position in the (repeated) stream; `map_with_index` passes it unreduced.
         epoch, k = divmod(int(j), self._epoch_len)
         if k >= self._n_real:
             return dict(self._pad, mask=np.zeros((), bool))
@@ -259,7 +260,9 @@ def make_loader(
     stream = grain.MapDataset.range(epoch_len)
     if num_epochs is not None or train:
         stream = stream.repeat(num_epochs)
-    stream = stream.map(_Element(real, min(n_real, epoch_len), len(real), epoch_len, pad))
+    stream = stream.map_with_index(
+        _Element(real, min(n_real, epoch_len), len(real), epoch_len, pad)
+    )
     if augment:
         stream = stream.random_map(_augment, seed=_derive_seed(seed, 1, shard_index))
     if read_threads is None:
