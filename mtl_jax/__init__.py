@@ -47,6 +47,26 @@ from mtl_jax.transforms.pcgrad import gradvac, pcgrad, pcgrad_weights
 from mtl_jax.transforms.stochastic import cross_gramian, moco, modo, sdmgrad
 
 # -- loss-level methods (issue 5) --
+# part E (seed-paper loss-level methods, task schedules)
+from mtl_jax import mixing
+from mtl_jax.transforms.schedules import task_schedule, task_schedule_weighting
+from mtl_jax.transforms.seed_loss import (
+    adaptive_task_balancing,
+    adaptive_task_balancing_weighting,
+    adaptive_task_balancing_weights,
+    coba,
+    coba_weighting,
+    igb,
+    igb_weighting,
+    inverse_variance,
+    inverse_variance_weighting,
+    log_class_scaling,
+    log_class_scaling_weighting,
+    median_normalize,
+    median_normalize_weighting,
+    worst_task,
+    worst_task_weighting,
+)
 # part D (LibMTL loss-level methods)
 from mtl_jax.transforms.db_mtl import db_mtl, db_mtl_weighting
 from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
@@ -114,6 +134,25 @@ __all__ = [
     "pcgrad_weights",
     "sdmgrad",
     # -- loss-level methods (issue 5) --
+    # part E
+    "adaptive_task_balancing",
+    "adaptive_task_balancing_weighting",
+    "adaptive_task_balancing_weights",
+    "coba",
+    "coba_weighting",
+    "igb",
+    "igb_weighting",
+    "inverse_variance",
+    "inverse_variance_weighting",
+    "log_class_scaling",
+    "log_class_scaling_weighting",
+    "median_normalize",
+    "median_normalize_weighting",
+    "mixing",
+    "task_schedule",
+    "task_schedule_weighting",
+    "worst_task",
+    "worst_task_weighting",
     # part D
     "db_mtl",
     "db_mtl_weighting",

@@ -30,6 +30,15 @@ JACOBIAN_METHODS: tuple[str, ...] = (
 # Loss-level methods: weights from losses, rows scaled (METHODS.md section 2).
 LOSS_METHODS: tuple[str, ...] = (
     # -- loss-level methods (issue 5) go here --
+    # part E (seed-paper loss-level methods)
+    "igb",
+    "coba",
+    "worst_task",
+    "median_normalize",
+    "inverse_variance",
+    "adaptive_task_balancing",
+    "task_schedule",
+    "log_class_scaling",
     # part D (LibMTL loss-level methods)
     "uncertainty_weighting",
     "gradnorm",

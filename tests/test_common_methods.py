@@ -26,10 +26,26 @@ import mtl_jax as mtl
 # Constructor kwargs for methods that need more than `num_tasks` (function of K).
 INIT_KWARGS = {
     "scalarize": lambda k: {"weights": jnp.linspace(0.5, 1.5, k)},
+    # part E (seed loss-level methods): short horizons so every phase runs in the tests
+    "igb": lambda k: {"steps_per_epoch": 2},
+    "coba": lambda k: {"warmup_steps": 2, "history_length": 4},
+    "adaptive_task_balancing": lambda k: {
+        "out_contributions": jnp.linspace(0.1, 0.7, k),
+        "in_contributions": jnp.linspace(0.9, 0.2, k),
+        "difficulties": jnp.linspace(0.2, 0.8, k),
+    },
+    "task_schedule": lambda k: {
+        "dataset_sizes": [10.0**i for i in range(k, 0, -1)],
+        "switch_step": 2,
+    },
+    "log_class_scaling": lambda k: {"num_classes": [2 + i for i in range(k)]},
 }
 
 # Extra update kwargs beyond `task_losses` (function of K and the step index).
-EXTRA_UPDATE_ARGS: dict = {}
+EXTRA_UPDATE_ARGS: dict = {
+    # part E
+    "coba": lambda k, step: {"val_losses": jnp.linspace(2.0, 1.0, k) / (1.0 + 0.05 * step)},
+}
 
 
 def make(name: str, k: int) -> optax.GradientTransformationExtraArgs:
