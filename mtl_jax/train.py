@@ -1,0 +1,667 @@
+"""Training and evaluation loop of the experiment harness.
+
+``train_and_evaluate(config, workdir)`` is everything ``python -m mtl_jax.main`` does: build the
+data pipeline (`mtl_jax.data`), the tasks (`mtl_jax.tasks`) and the model (`mtl_jax.models`),
+then train with one jitted step::
+
+    losses, J = mtl.value_and_jacobian(loss_fn)(params)         # per-task Jacobian [K, ...]
+    J' = balancer chain from config.balancer (shared parameters only by default)
+    g  = mtl.sum_tasks()(J')                                     # gradient
+    params = optimizer(g)                                        # adam / sgd / ... + schedule
+
+A lone loss-level balancer (a name in `mtl.LOSS_METHODS`) takes the one-backward path
+`mtl.weighted_value_and_grad` instead. Each epoch the model is evaluated on the eval split,
+per-task metrics and delta_m are written to TensorBoard and the log, and an orbax checkpoint
+(parameters, batch statistics, optimizer and balancer state, data iterator position, eval
+history) is saved in ``workdir/checkpoints``; running the same command again resumes from the
+latest one. ``workdir/results.json`` holds the final metrics, the average over the last
+``config.num_average_epochs`` evaluations (as the papers report) and the per-epoch history.
+
+Data parallel over all local devices: a 1-D `jax.sharding.Mesh` with axis ``'data'``; the
+batch is sharded on it and everything else is replicated (BatchNorm statistics are those of
+the global batch, i.e. synchronized).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import mtl_jax as mtl
+from mtl_jax import models
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Balancer specs
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_balancer(spec: Any) -> list[dict[str, Any]]:
+    """Normalizes ``config.balancer`` to a list of ``{'name': ..., **kwargs}`` specs.
+
+    Accepted forms (chained in order; empty = equal weighting, i.e. the plain sum of losses):
+
+    * a string of comma-separated calls: ``'upgrad'``, ``'cagrad(c=0.4)'``,
+      ``'uncertainty_weighting, pcgrad'`` (keyword values are Python literals);
+    * a sequence of names and/or dicts ``{'name': 'cagrad', 'c': 0.4}``.
+
+    Raises:
+      ValueError: on a malformed string or an unknown method name (listing the valid names).
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        text = spec.strip()
+        if not text or text.lower() in ("ew", "none", "sum"):
+            return []
+        try:
+            tree = ast.parse(f"({text},)", mode="eval").body
+        except SyntaxError as e:
+            raise ValueError(f"Cannot parse config.balancer={spec!r}: {e.msg}.") from None
+        out = []
+        for node in tree.elts:
+            if isinstance(node, ast.Name):
+                out.append({"name": node.id})
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+                try:
+                    kw = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+                except ValueError:
+                    raise ValueError(
+                        f"config.balancer={spec!r}: keyword values must be literals."
+                    ) from None
+                out.append({"name": node.func.id, **kw})
+            else:
+                raise ValueError(
+                    f"config.balancer={spec!r}: expected comma-separated `name` or "
+                    "`name(key=value, ...)` items."
+                )
+    else:
+        out = []
+        for item in spec:
+            if isinstance(item, str):
+                out.extend(parse_balancer(item))
+            else:
+                item = dict(item)
+                if "name" not in item:
+                    raise ValueError(f"Balancer spec {item!r} has no 'name'.")
+                out.append(item)
+    for item in out:
+        if item["name"] not in mtl.BALANCERS:
+            raise ValueError(
+                f"Unknown balancing method {item['name']!r} in config.balancer. Valid names: "
+                f"{', '.join(sorted(mtl.BALANCERS))} (or '' for equal weighting)."
+            )
+    return out
+
+
+def _with_num_tasks(spec: Mapping[str, Any], k: int) -> dict[str, Any]:
+    spec = dict(spec)
+    params = inspect.signature(getattr(mtl, spec["name"])).parameters
+    if "num_tasks" in params and "num_tasks" not in spec:
+        spec["num_tasks"] = k
+    return spec
+
+
+def build_balancer(specs: Sequence[Mapping[str, Any]], num_tasks: int):
+    """The Jacobian -> Jacobian chain for ``specs`` (``num_tasks`` filled in where accepted)."""
+    if not specs:
+        return optax.identity()
+    return mtl.build_chain([_with_num_tasks(s, num_tasks) for s in specs])
+
+
+def loss_weighting_for(specs: Sequence[Mapping[str, Any]], num_tasks: int):
+    """The `mtl.LossWeighting` of a lone loss-level method, or None (then the Jacobian path)."""
+    if len(specs) != 1 or specs[0]["name"] not in mtl.LOSS_METHODS:
+        return None
+    factory = getattr(mtl, specs[0]["name"] + "_weighting", None)
+    if factory is None:
+        return None
+    kwargs = {k: v for k, v in specs[0].items() if k != "name"}
+    if "num_tasks" in inspect.signature(factory).parameters:
+        kwargs.setdefault("num_tasks", num_tasks)
+    return factory(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Learning-rate schedule in steps from ``config.lr_schedule`` (epochs in the config)."""
+    lr = config.learning_rate
+    kind = config.get("lr_schedule", "constant")
+    total = config.num_epochs * steps_per_epoch
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "step":  # StepLR(step_size=lr_decay_epochs, gamma=lr_decay_factor), per epoch
+        every = max(1, int(config.lr_decay_epochs * steps_per_epoch))
+        bounds = {every * i: config.lr_decay_factor for i in range(1, total // every + 1)}
+        return optax.piecewise_constant_schedule(lr, bounds)
+    if kind == "cosine":
+        warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total, warmup + 1))
+    raise ValueError(f"Unknown config.lr_schedule={kind!r}; valid: 'constant', 'step', 'cosine'.")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """The optax optimizer (gradient -> update) from ``config.optimizer`` and the schedule."""
+    schedule = make_schedule(config, steps_per_epoch)
+    name = config.optimizer
+    wd = config.get("weight_decay", 0.0)
+    parts = []
+    if config.get("grad_clip_norm", 0.0):
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    if name == "adam":  # PyTorch Adam's weight_decay is L2 added to the gradient
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+        parts.append(optax.adam(schedule))
+    elif name == "adamw":
+        parts.append(optax.adamw(schedule, weight_decay=wd))
+    elif name == "sgd":
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+        parts.append(optax.sgd(schedule, momentum=config.get("momentum", 0.0) or None))
+    else:
+        raise ValueError(f"Unknown config.optimizer={name!r}; valid: 'adam', 'adamw', 'sgd'.")
+    return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+# ----------------------------------------------------------------------------------------------
+
+
+class _TensorBoardWriter:
+    """TensorBoard scalars + log lines without TensorFlow (clu's writers import TensorFlow)."""
+
+    def __init__(self, logdir: str, just_logging: bool = False):
+        self._writer = None
+        if not just_logging:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self._writer = EventFileWriter(logdir)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        logging.info(
+            "[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
+        )
+        if self._writer is not None:
+            values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+            self._writer.add_event(
+                Event(wall_time=time.time(), step=int(step), summary=Summary(value=values))
+            )
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def create_writer(workdir: str):
+    """clu's default writer (TensorBoard + logging) when importable, else our equivalent."""
+    just_logging = jax.process_index() > 0
+    try:
+        from clu import metric_writers
+
+        return metric_writers.create_default_writer(workdir, just_logging=just_logging)
+    except ImportError:  # clu.metric_writers needs TensorFlow
+        return _TensorBoardWriter(workdir, just_logging=just_logging)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes JSON to ``path`` via a temporary file and ``os.replace``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Train state and steps
+# ----------------------------------------------------------------------------------------------
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """1-D data-parallel mesh over ``config.num_devices`` local devices (-1: all)."""
+    n = config.get("num_devices", -1)
+    devices = jax.devices()
+    n = len(devices) if n in (-1, None) else n
+    if n > len(devices):
+        raise ValueError(f"config.num_devices={n} but only {len(devices)} devices are visible.")
+    return jax.sharding.Mesh(
+        np.asarray(devices[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+class Trainer:
+    """Holds the static pieces (model graph, transforms, tasks) and builds the jitted steps."""
+
+    def __init__(self, config, tasks, model, mesh, steps_per_epoch):
+        self.config = config
+        self.tasks = tuple(tasks)
+        self.num_tasks = len(self.tasks)
+        self.mesh = mesh
+        self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        self.labels = models.param_labels(model, params)
+        self.specs = parse_balancer(config.balancer)
+        self.loss_weighting = (
+            loss_weighting_for(self.specs, self.num_tasks)
+            if config.get("loss_only_path", True)
+            else None
+        )
+        balancer = build_balancer(self.specs, self.num_tasks)
+        if self.loss_weighting is None and config.get("shared_only", True):
+            balancer = mtl.shared_only(balancer, self.labels, reducer=optax.identity())
+        self.balancer = balancer
+        self.optimizer, self.schedule = make_optimizer(config, steps_per_epoch)
+        self.repl = NamedSharding(mesh, P())
+        self.data_sharding = NamedSharding(mesh, P("data"))
+        self._init_params = params
+        self._init_batch_stats = batch_stats
+        self.train_step = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.repl)
+        self.eval_step = jax.jit(self._eval_step, out_shardings=self.repl)
+
+    # -- state ------------------------------------------------------------------------------
+    def init_state(self) -> dict[str, PyTree]:
+        params = self._init_params
+        if self.loss_weighting is not None:
+            bal_state = self.loss_weighting.init()
+        else:
+            bal_state = self.balancer.init(params)
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": self._init_batch_stats,
+            "balancer": bal_state,
+            "opt": self.optimizer.init(params),
+        }
+        return jax.device_put(state, self.repl)
+
+    # -- steps -------------------------------------------------------------------------------
+    def _forward(self, params, batch_stats, batch, train, key=None):
+        # Fresh BatchStat variables at the current trace level: merging the (closed-over) outer
+        # ones inside the Jacobian's vjp and updating them raises nnx's TraceContextError.
+        batch_stats = jax.tree.map(lambda x: x, batch_stats)
+        model = nnx.merge(self.graphdef, params, batch_stats)
+        preds = model(batch["image"], train=train, key=key)
+        return preds, nnx.state(model, nnx.BatchStat)
+
+    def _losses(self, params, batch_stats, batch, key):
+        preds, new_stats = self._forward(params, batch_stats, batch, True, key)
+        losses = jnp.stack(
+            [jnp.asarray(t.loss(preds[t.name], batch), jnp.float32) for t in self.tasks]
+        )
+        return losses, new_stats
+
+    def _shared_leaves(self, tree):
+        leaves = jax.tree.leaves(tree)
+        labels = jax.tree.leaves(self.labels)
+        return [x for x, lab in zip(leaves, labels, strict=True) if lab == "shared"]
+
+    def _train_step(self, state, batch, epoch):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.key(self.config.seed), step)
+        params = state["params"]
+        k = self.num_tasks
+        extra = {"step": step, "epoch": epoch}
+        out = {}
+        if self.loss_weighting is not None:
+            fn = lambda p: self._losses(p, state["batch_stats"], batch, key)  # noqa: E731
+            vg = mtl.weighted_value_and_grad(fn, self.loss_weighting, has_aux=True)
+            (losses, weights, bal_state, new_stats), grads = vg(state["balancer"], params, **extra)
+            out["weights"] = weights.astype(jnp.float32)
+        else:
+            fn = lambda p: self._losses(p, state["batch_stats"], batch, key)  # noqa: E731
+            (losses, new_stats), jac = mtl.value_and_jacobian(
+                fn,
+                has_aux=True,
+                strategy=self.config.get("jacobian_strategy", "auto"),
+                chunk_size=self.config.get("jacobian_chunk_size", None),
+            )(params)
+            balanced, bal_state = self.balancer.update(
+                jac, state["balancer"], params, task_losses=losses, **extra
+            )
+            gram = mtl.gramian(self._shared_leaves(jac))
+            before = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+            after = jnp.sqrt(
+                sum(
+                    jnp.sum(jnp.square(x.reshape(k, -1).astype(jnp.float32)), axis=1)
+                    for x in self._shared_leaves(balanced)
+                )
+            )
+            # Effective weights ||row after|| / ||row before|| on the shared parameters.
+            out["weights"] = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 0.0)
+            out["cos"] = gram / jnp.maximum(jnp.outer(before, before), 1e-30)
+            grads = jax.tree.map(lambda x: jnp.sum(x, axis=0), balanced)
+        updates, opt_state = self.optimizer.update(grads, state["opt"], params)
+        params = optax.apply_updates(params, updates)
+        out["losses"] = losses
+        out["grad_norm"] = optax.global_norm(grads)
+        new_state = {
+            "step": step + 1,
+            "params": params,
+            "batch_stats": new_stats,
+            "balancer": bal_state,
+            "opt": opt_state,
+        }
+        return new_state, out
+
+    def _eval_step(self, state, batch, accs):
+        preds, _ = self._forward(state["params"], state["batch_stats"], batch, False)
+        return tuple(
+            t.metric_update(acc, preds[t.name], batch)
+            for t, acc in zip(self.tasks, accs, strict=True)
+        )
+
+    # -- data ----------------------------------------------------------------------------------
+    def shard_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(v))
+            for k, v in batch.items()
+        }
+
+    def evaluate(self, state, loader, max_batches: int = -1) -> dict[str, float]:
+        """Metrics over ``loader`` (the first ``max_batches`` batches when > 0)."""
+        accs = jax.device_put(tuple(t.metric_init() for t in self.tasks), self.repl)
+        for i, batch in enumerate(loader):
+            if 0 < max_batches <= i:
+                break
+            accs = self.eval_step(state, self.shard_batch(batch), accs)
+        accs = jax.device_get(accs)
+        metrics = {}
+        for t, acc in zip(self.tasks, accs, strict=True):
+            for name, value in t.metric_compute(acc).items():
+                metrics[f"{t.name}/{name}"] = float(value)
+        return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.get("max_checkpoints_to_keep", 2), create=True
+    )
+    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+
+
+def _save(mngr, state, meta) -> None:
+    step = int(jax.device_get(state["step"]))
+    leaves = jax.tree.leaves(state)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"leaves": leaves}), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def _restore(mngr, state):
+    """Restores the latest checkpoint into the structure (and shardings) of ``state``."""
+    step = mngr.latest_step()
+    if step is None:
+        return state, None
+    leaves, treedef = jax.tree.flatten(state)
+    target = {"leaves": [ocp.utils.to_shape_dtype_struct(x) for x in leaves]}
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return jax.tree.unflatten(treedef, restored["state"]["leaves"]), restored["meta"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _delta_m(metrics, baseline, higher_is_better):
+    from mtl_jax import metrics as metrics_lib
+
+    keys = [k for k in baseline if k in metrics]
+    if not keys or len(keys) < len(baseline):
+        return None
+    return float(
+        metrics_lib.delta_m(
+            {k: metrics[k] for k in keys},
+            {k: baseline[k] for k in keys},
+            {k: higher_is_better[k] for k in keys},
+        )
+    )
+
+
+def _baseline(config, dataset: str) -> dict[str, float]:
+    """``config.baseline`` ((metric, value) pairs; empty: no delta_m), else the library's."""
+    if "baseline" in config:
+        return {k: float(v) for k, v in dict(config.baseline).items()}
+    from mtl_jax import metrics as metrics_lib
+
+    return dict(metrics_lib.BASELINES.get(dataset, {}))
+
+
+def _average(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    keys = set().union(*history) if history else set()
+    return {
+        k: float(np.mean([h[k] for h in history if k in h and h[k] is not None]))
+        for k in sorted(keys)
+        if any(k in h and h[k] is not None for h in history)
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates as ``config`` says, checkpointing into (and resuming from) ``workdir``.
+
+    Returns:
+      The content of ``workdir/results.json``: ``final`` (last evaluation), ``average``
+      (mean over the last ``config.num_average_epochs`` evaluations, as the papers report),
+      ``history`` (one entry per evaluation), ``steps``, ``balancer``.
+    """
+    from mtl_jax import data as data_lib
+    from mtl_jax import tasks as tasks_lib
+
+    os.makedirs(workdir, exist_ok=True)
+    dataset = config.dataset
+    info = data_lib.dataset_info(dataset)
+    tasks = tasks_lib.get_tasks(dataset)
+    mesh = make_mesh(config)
+    n_dev = mesh.devices.size
+    n_proc = jax.process_count()
+    eval_bs = config.get("eval_batch_size", -1)
+    eval_bs = config.batch_size if eval_bs in (-1, None) else eval_bs
+    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
+        if bs % n_dev:
+            raise ValueError(
+                f"config.{name}={bs} must be divisible by the number of devices ({n_dev}) for "
+                "data parallelism; change it or set --config.num_devices."
+            )
+    loader_kw = dict(shard_index=jax.process_index(), shard_count=n_proc)
+    train_loader = data_lib.make_loader(
+        dataset,
+        config.data_dir,
+        info.train_split,
+        batch_size=config.batch_size // n_proc,
+        seed=config.seed,
+        train=True,
+        augment=config.get("augment", False),
+        num_epochs=None,
+        **loader_kw,
+    )
+    steps_per_epoch = train_loader.steps_per_epoch
+    if config.get("steps_per_epoch", -1) not in (-1, None):
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.get("num_train_steps", -1) not in (-1, None):
+        total_steps = min(total_steps, config.num_train_steps)
+
+    model_cfg = dict(config.model)
+    model_name = model_cfg.pop("name")
+    model = models.build_model(
+        model_name, {t.name: t.out_channels for t in tasks}, seed=config.seed, **model_cfg
+    )
+    trainer = Trainer(config, tasks, model, mesh, steps_per_epoch)
+    del model
+    state = trainer.init_state()
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    logging.info(
+        "mtl_jax: %s, model %s (%d parameters), tasks %s, balancer %s (%s path), "
+        "%d devices, %d steps/epoch, %d steps.",
+        dataset,
+        model_name,
+        n_params,
+        [t.name for t in tasks],
+        trainer.specs or "equal weighting",
+        "loss-only" if trainer.loss_weighting is not None else "Jacobian",
+        n_dev,
+        steps_per_epoch,
+        total_steps,
+    )
+
+    mngr = _checkpoint_manager(workdir, config)
+    state, meta = _restore(mngr, state)
+    history: list[dict[str, float]] = []
+    if meta is not None:
+        train_loader.set_state(meta["loader"])
+        history = list(meta["history"])
+        logging.info("Resumed from step %d in %s.", int(state["step"]), workdir)
+    step = int(jax.device_get(state["step"]))
+
+    writer = create_writer(workdir)
+    baseline = _baseline(config, dataset)
+    hib = {f"{t.name}/{k}": v for t in tasks for k, v in t.higher_is_better.items()}
+    names = [t.name for t in tasks]
+    log_every = max(1, config.get("log_every_steps", 50))
+    eval_every = max(1, config.get("eval_every_epochs", 1))
+    ckpt_every = max(1, config.get("checkpoint_every_epochs", 1))
+
+    def evaluate(epoch):
+        eval_loader = data_lib.make_loader(
+            dataset,
+            config.data_dir,
+            info.eval_split,
+            batch_size=eval_bs // n_proc,
+            seed=config.seed,
+            train=False,
+            **loader_kw,
+        )
+        t0 = time.time()
+        metrics = trainer.evaluate(state, eval_loader, config.get("eval_steps", -1) or -1)
+        dm = _delta_m(metrics, baseline, hib)
+        if dm is not None:
+            metrics["delta_m"] = dm
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        writer.write_scalars(step, {"eval/seconds": time.time() - t0})
+        history.append({"epoch": epoch, "step": step, **metrics})
+        return metrics
+
+    def checkpoint():
+        _save(mngr, state, {"loader": train_loader.get_state(), "history": history, "step": step})
+
+    buffer: list[dict[str, jax.Array]] = []
+    t_log, steps_logged = time.time(), 0
+    t_start, step_start = time.time(), step
+    it = iter(train_loader)
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        batch = trainer.shard_batch(next(it))
+        state, out = trainer.train_step(state, batch, jnp.int32(epoch))
+        step += 1
+        buffer.append(out)
+        steps_logged += 1
+        if step % log_every == 0 or step == total_steps or step == step_start + 1:
+            outs = jax.device_get(buffer)
+            buffer = []
+            dt = (time.time() - t_log) / max(steps_logged, 1)
+            t_log, steps_logged = time.time(), 0
+            scalars = {"train/step_time_s": dt, "train/lr": float(trainer.schedule(step - 1))}
+            losses = np.mean([o["losses"] for o in outs], axis=0)
+            weights = np.mean([o["weights"] for o in outs], axis=0)
+            scalars["train/grad_norm"] = float(np.mean([o["grad_norm"] for o in outs]))
+            for i, name in enumerate(names):
+                scalars[f"train/loss/{name}"] = losses[i]
+                scalars[f"train/weight/{name}"] = weights[i]
+            if "cos" in outs[0]:
+                cos = np.mean([o["cos"] for o in outs], axis=0)
+                for i in range(len(names)):
+                    for j in range(i + 1, len(names)):
+                        scalars[f"train/cos/{names[i]}-{names[j]}"] = cos[i, j]
+            writer.write_scalars(step, scalars)
+            rate = (time.time() - t_start) / max(step - step_start, 1)
+            logging.info(
+                "step %d/%d (epoch %d/%d) | %.3f s/step | ETA %s",
+                step,
+                total_steps,
+                epoch + 1,
+                config.num_epochs,
+                rate,
+                _fmt_time(rate * (total_steps - step)),
+            )
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if end_of_epoch:
+            done_epoch = (step - 1) // steps_per_epoch + 1
+            if done_epoch % eval_every == 0 or step == total_steps:
+                evaluate(done_epoch)
+            if done_epoch % ckpt_every == 0 or step == total_steps:
+                checkpoint()
+            writer.flush()
+
+    if not history or history[-1]["step"] != step:
+        evaluate(math.ceil(step / steps_per_epoch))
+        checkpoint()
+    n_avg = config.get("num_average_epochs", 10)
+    results = {
+        "dataset": dataset,
+        "model": model_name,
+        "balancer": trainer.specs,
+        "steps": step,
+        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
+        "average": _average(
+            [{k: v for k, v in h.items() if k not in ("epoch", "step")} for h in history[-n_avg:]]
+        ),
+        "num_averaged": len(history[-n_avg:]),
+        "history": history,
+        "baseline": baseline,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+    writer.flush()
+    writer.close()
+    mngr.close()
+    return results
