@@ -86,10 +86,18 @@ def get_balancer(name: str, **kwargs: Any) -> optax.GradientTransformationExtraA
     return factory(**kwargs)
 
 
-def build_chain(specs: Sequence[Mapping[str, Any] | str]) -> optax.GradientTransformationExtraArgs:
+def build_chain(
+    specs: Sequence[Mapping[str, Any] | str], num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
     """Chains Jacobian -> Jacobian methods given as names or ``{'name': ..., **kwargs}`` specs.
 
     The result still maps a Jacobian to a Jacobian; append a reducer (`mtl.sum_tasks`).
+
+    Args:
+      specs: method names, or mappings with a ``'name'`` and the method's keyword arguments
+        (optionally nested under ``'kwargs'``).
+      num_tasks: if given, passed to every method whose factory takes ``num_tasks`` and whose
+        spec does not set it.
     """
     txs = []
     for spec in specs:
@@ -101,5 +109,7 @@ def build_chain(specs: Sequence[Mapping[str, Any] | str]) -> optax.GradientTrans
                 raise ValueError(f"Balancer spec {spec!r} has no 'name' field.")
             name = spec.pop("name")
             kwargs = dict(spec.pop("kwargs", {}), **spec)
+        if num_tasks is not None and "num_tasks" in inspect.signature(_factory(name)).parameters:
+            kwargs.setdefault("num_tasks", num_tasks)
         txs.append(get_balancer(name, **kwargs))
     return optax.chain(*txs)
