@@ -352,3 +352,24 @@ def test_scale_crop_matches_libmtl_torch(scale, top, left):
     np.testing.assert_allclose(ours["depth"], np.moveaxis(ref["depth"].numpy(), 0, -1), rtol=1e-6)
     for k in ("image", "normal"):
         np.testing.assert_allclose(ours[k], np.moveaxis(ref[k].numpy(), 0, -1), atol=2e-6)
+
+
+@pytest.mark.slow
+def test_worker_processes_same_batches_and_resume(nyu_dir):
+    # grain mp_prefetch outside absl.app.run (flags unparsed) + exact resume from its state.
+    kw = dict(batch_size=2, augment=True)
+    reference = [b for b, _ in zip(_loader(nyu_dir, **kw), range(6), strict=False)]
+    loader = _loader(nyu_dir, worker_count=2, **kw)
+    it = iter(loader)
+    got = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(loader.get_state()))
+    loader.close()
+    resumed = _loader(nyu_dir, worker_count=2, **kw)
+    resumed.set_state(state)
+    got += [b for b, _ in zip(resumed, range(3), strict=False)]
+    resumed.close()
+    for a, b in zip(reference, got, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(ValueError, match="worker_count"):
+        _loader(nyu_dir, **kw).set_state(state)
