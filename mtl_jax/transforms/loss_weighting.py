@@ -522,7 +522,8 @@ def stch_weighting(
         nadir = jnp.maximum(nadir_sum / jnp.maximum(nadir_count, 1.0), eps)
         rel = jnp.maximum(losses, 0.0) / nadir + eps
         soft = jax.nn.softmax(jnp.log(rel) / mu)
-        stch_weights = k * soft / (nadir * rel)
+        # floored like the warm-up's 1 / (L + eps): weights <= K / eps, finite for L <= 0.
+        stch_weights = k * soft / jnp.maximum(nadir * rel, eps)
         weights = jnp.where(e > warmup_epoch, stch_weights, log_weights)
         return weights, STCHState(state.step + 1, nadir_sum, nadir_count)
 
