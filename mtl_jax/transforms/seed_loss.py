@@ -52,8 +52,8 @@ def _clip_big(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.nan_to_num(x, nan=0.0, posinf=_BIG, neginf=-_BIG), -_BIG, _BIG)
 
 
-def _extra_vector(name: str, arg: str, value: Any, num_tasks: int) -> jax.Array:
-    value = jnp.asarray(value, _F32)
+def _extra_vector(name: str, arg: str, value: Any, num_tasks: int, dtype=_F32) -> jax.Array:
+    value = jnp.asarray(value, dtype)
     if value.shape != (num_tasks,):
         raise ValueError(f"{name}: {arg} has shape {value.shape}, expected ({num_tasks},).")
     return value
@@ -181,13 +181,18 @@ def _ordered_window(buf: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.roll(buf, -(count % buf.shape[0]), axis=0)
 
 
+def _coba_dtype():
+    """float64 when x64 is enabled (matches the float64 reference to ~1e-12), else float32."""
+    return jnp.float64 if jax.config.jax_enable_x64 else _F32
+
+
 def _masked_slope(y: jax.Array) -> jax.Array:
     """Least-squares slope of the non-zero entries of y [T, ...] against their rank (axis 0).
 
     Zeros are missing values, dropped and the remaining entries re-indexed 0, 1, ... as in the
     reference's ``fit_window_slope``; fewer than two points give slope 0.
     """
-    mask = (y != 0).astype(_F32)
+    mask = (y != 0).astype(y.dtype)
     x = jnp.cumsum(mask, axis=0) - 1.0
     n = jnp.sum(mask, axis=0)
     n_safe = jnp.maximum(n, 1.0)
@@ -226,14 +231,15 @@ def coba_weighting(
     min_weight = 1.0 / (k * 10)
 
     def init() -> CoBaState:
+        dt = _coba_dtype()
         return CoBaState(
             count=jnp.zeros((), jnp.int32),
-            init_val=jnp.zeros((k,), _F32),
-            history=jnp.zeros((history_length, k), _F32),
-            slopes=jnp.zeros((acs_len, k), _F32),
-            total_slopes=jnp.zeros((divergence_history,), _F32),
+            init_val=jnp.zeros((k,), dt),
+            history=jnp.zeros((history_length, k), dt),
+            slopes=jnp.zeros((acs_len, k), dt),
+            total_slopes=jnp.zeros((divergence_history,), dt),
             num_slopes=jnp.zeros((), jnp.int32),
-            weights=jnp.full((k,), 1.0 / k, _F32),
+            weights=jnp.full((k,), 1.0 / k, dt),
         )
 
     def update(losses, state: CoBaState, *, val_losses=None, **extra):
@@ -244,7 +250,7 @@ def coba_weighting(
                 "val_losses=[K] (e.g. tx.update(jac, state, params, task_losses=l, "
                 "val_losses=v))."
             )
-        v = _clip_big(_extra_vector(name, "val_losses", val_losses, k))
+        v = _clip_big(_extra_vector(name, "val_losses", val_losses, k, _coba_dtype()))
         init_val = jnp.where(state.init_val == 0, v, state.init_val)
         vn = _clip_big(_safe_div(v, init_val))
         history = state.history.at[state.count % history_length].set(vn)
@@ -269,12 +275,12 @@ def coba_weighting(
         # Relative convergence score: across tasks, at this step.
         rcs = jax.nn.softmax(k * _safe_div(slope, jnp.sum(jnp.abs(slope))))
         # Absolute convergence score: each task's slope against its own recent slopes.
-        n_acs = jnp.minimum(num_slopes, acs_len).astype(_F32)
+        n_acs = jnp.minimum(num_slopes, acs_len).astype(v.dtype)
         acs = jax.nn.softmax(-n_acs * _safe_div(slope, jnp.sum(jnp.abs(slopes), axis=0)))
         # Divergence factor: the current total slope against all previous ones.
         m = jnp.minimum(num_slopes, divergence_history)
         valid = jnp.arange(divergence_history) < m
-        mf = m.astype(_F32)
+        mf = m.astype(v.dtype)
         z = -mf * _safe_div(totals, jnp.sum(jnp.abs(totals))) * tau
         z = jnp.where(valid, z, -_BIG)  # finite: no inf - inf before the first slope
         cur = (num_slopes - 1) % divergence_history
@@ -313,6 +319,11 @@ def coba(
 
     Before warm-up the weights are 1/K. Weights sum to 1 (the reference's loss is
     ``sum_k w_k L_k / sum_k w_k``).
+
+    Precision: DF exponentiates ``M tau`` times a ratio of slopes, so float32 rounding of the
+    slopes (~1e-7) is amplified by up to ``M tau`` (1e-5 relative on the weights after ~15
+    slopes; more on long runs). The reference is float64; with ``jax.enable_x64`` the state
+    and arithmetic here are float64 too and match it to ~1e-12.
 
     Args:
       num_tasks: K.
