@@ -38,6 +38,14 @@ from mtl_jax.transforms.loss_base import (
 )
 
 # -- Jacobian-level methods (issue 4) --
+# part A (Gramian / QP methods checked against TorchJD)
+from mtl_jax.representation import RepresentationStep, representation_value_and_grad
+from mtl_jax.transforms.aligned import aligned_mtl, aligned_mtl_weights
+from mtl_jax.transforms.config import conflict_free, conflict_free_weights
+from mtl_jax.transforms.dual_cone import dualproj, dualproj_weights, upgrad, upgrad_weights
+from mtl_jax.transforms.imtl import imtl_g, imtl_g_weights
+from mtl_jax.transforms.mgda import mgda, mgda_weights
+from mtl_jax.transforms.robust import krum, krum_weights, trimmed_mean
 # part B (projection, stochastic and iterative-solver methods)
 from mtl_jax.transforms.cagrad import cagrad, cagrad_weights
 from mtl_jax.transforms.fairgrad import fairgrad, fairgrad_weights
@@ -118,6 +126,24 @@ __all__ = [
     "value_and_jacobian",
     "weighted_sum",
     # -- Jacobian-level methods (issue 4) --
+    # part A
+    "RepresentationStep",
+    "aligned_mtl",
+    "aligned_mtl_weights",
+    "conflict_free",
+    "conflict_free_weights",
+    "dualproj",
+    "dualproj_weights",
+    "imtl_g",
+    "imtl_g_weights",
+    "krum",
+    "krum_weights",
+    "mgda",
+    "mgda_weights",
+    "representation_value_and_grad",
+    "trimmed_mean",
+    "upgrad",
+    "upgrad_weights",
     # part B
     "cagrad",
     "cagrad_weights",
