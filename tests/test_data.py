@@ -373,3 +373,10 @@ def test_worker_processes_same_batches_and_resume(nyu_dir):
             np.testing.assert_array_equal(a[k], b[k])
     with pytest.raises(ValueError, match="worker_count"):
         _loader(nyu_dir, **kw).set_state(state)
+
+
+def test_unwritable_cache_dir_error(nyu_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="MTL_JAX_TFDS_DIR"):
+        _loader(nyu_dir, cache_dir=str(blocker))

@@ -131,6 +131,10 @@ def prepare(name: str, data_dir: str, cache_dir: str | None = None) -> tfds.core
       cache_dir: where to write the prepared files; default ``$MTL_JAX_TFDS_DIR`` or
         ``<data_dir>/_tfds``.
 
+    Preparation happens once per raw-data version; with several processes sharing a file
+    system (multi-host), call this once (e.g. on one host) before starting them all, since
+    concurrent preparations of the same cache directory race.
+
     Returns:
       A prepared TFDS builder; ``builder.as_data_source(split)`` gives random access.
 
@@ -141,6 +145,13 @@ def prepare(name: str, data_dir: str, cache_dir: str | None = None) -> tfds.core
     specs.check_layout(name, data_dir)
     cache_dir = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(data_dir, "_tfds")
     tfds_dir = os.path.join(cache_dir, fingerprint(name, data_dir))
+    try:
+        os.makedirs(tfds_dir, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            f"Cannot create the cache for the prepared {name!r} files at {tfds_dir!r} ({e}). "
+            f"Pass cache_dir= or set ${CACHE_ENV} to a writable directory."
+        ) from e
     builder = BUILDERS[name](data_dir=tfds_dir, file_format="array_record")
     builder.download_and_prepare(
         file_format="array_record",
