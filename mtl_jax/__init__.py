@@ -55,6 +55,30 @@ from mtl_jax.transforms.pcgrad import gradvac, pcgrad, pcgrad_weights
 from mtl_jax.transforms.stochastic import cross_gramian, moco, modo, sdmgrad
 
 # -- loss-level methods (issue 5) --
+# part D (LibMTL loss-level methods)
+from mtl_jax.transforms.db_mtl import db_mtl, db_mtl_weighting
+from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
+from mtl_jax.transforms.famo import famo, famo_weighting
+from mtl_jax.transforms.gradnorm import (
+    gradnorm,
+    gradnorm_value_and_grad,
+    gradnorm_weighting,
+    task_grad_norms,
+)
+from mtl_jax.transforms.loss_weighting import (
+    dwa,
+    dwa_weighting,
+    gls,
+    gls_weighting,
+    imtl_l,
+    imtl_l_weighting,
+    rlw,
+    rlw_weighting,
+    stch,
+    stch_weighting,
+    uncertainty_weighting,
+    uncertainty_weighting_weighting,
+)
 # part E (seed-paper loss-level methods, task schedules)
 from mtl_jax import mixing
 from mtl_jax.transforms.schedules import task_schedule, task_schedule_weighting
@@ -160,6 +184,29 @@ __all__ = [
     "pcgrad_weights",
     "sdmgrad",
     # -- loss-level methods (issue 5) --
+    # part D
+    "db_mtl",
+    "db_mtl_weighting",
+    "dwa",
+    "dwa_weighting",
+    "excess_mtl",
+    "excess_mtl_weighting",
+    "famo",
+    "famo_weighting",
+    "gls",
+    "gls_weighting",
+    "gradnorm",
+    "gradnorm_weighting",
+    "gradnorm_value_and_grad",
+    "imtl_l",
+    "imtl_l_weighting",
+    "rlw",
+    "rlw_weighting",
+    "stch",
+    "stch_weighting",
+    "task_grad_norms",
+    "uncertainty_weighting",
+    "uncertainty_weighting_weighting",
     # part E
     "adaptive_task_balancing",
     "adaptive_task_balancing_weighting",

@@ -458,6 +458,44 @@ def test_gradnorm_transform_reads_masked_jacobian_norms():
             assert not np.allclose(np.asarray(w), 1.0)
 
 
+def test_gradnorm_one_backward_path_equals_masked_transform():
+    rng = np.random.default_rng(1)
+    params = {
+        "enc": {
+            "first": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+            "last": jnp.asarray(rng.normal(size=(5, 5)), jnp.float32),
+        },
+        "heads": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+
+    def loss_fn(p):
+        h = jnp.tanh(jnp.tanh(x @ p["enc"]["first"]) @ p["enc"]["last"])
+        return jnp.mean((h @ p["heads"] - y) ** 2, axis=0) * jnp.array([1.0, 4.0, 0.25])
+
+    mask = {"enc": {"first": False, "last": True}, "heads": False}
+    opt = optax.sgd(0.5)
+    lw = mtl.gradnorm_weighting(3, optimizer=opt)
+    vg = jax.jit(mtl.gradnorm_value_and_grad(loss_fn, lw, mask))
+    tx = optax.chain(mtl.gradnorm(3, optimizer=opt, param_mask=mask), mtl.sum_tasks())
+
+    @jax.jit
+    def transform_path(params, tx_state):
+        losses, jac = mtl.value_and_jacobian(loss_fn)(params)
+        return tx.update(jac, tx_state, params, task_losses=losses)
+
+    lw_state, tx_state = lw.init(), tx.init(params)
+    for t in range(5):
+        (losses, w, lw_state), grad = vg(lw_state, params)
+        grad2, tx_state = transform_path(params, tx_state)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad2), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+        if t >= 2:
+            assert not np.allclose(np.asarray(w), 1.0)
+        params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # ExcessMTL -- TorchJD 0.18 aggregation/_excess_mtl.py (ExcessMTLWeighting): S += J^2,
 # e_k = sum J_k^2 / sqrt(S_k + 1e-7); warm-up calls keep w = 1/K and sum e; the first

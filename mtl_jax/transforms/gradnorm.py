@@ -11,7 +11,7 @@ import optax
 
 from mtl_jax import jacobian as jac_lib
 from mtl_jax.transforms import base
-from mtl_jax.transforms.loss_base import LossWeighting, _checked_update
+from mtl_jax.transforms.loss_base import LossWeighting, _checked_update, weighted_value_and_grad
 from mtl_jax.transforms.loss_weighting import (
     check_num_tasks_arg,
     check_positive,
@@ -205,3 +205,70 @@ def gradnorm(
         return jac_lib.scale_rows(updates, weights), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _full_mask(param_mask: PyTree, params: PyTree) -> list[bool]:
+    """A prefix mask broadcast to one bool per leaf of ``params`` (flattening order)."""
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), param_mask, params)
+    return jax.tree.leaves(full)
+
+
+def gradnorm_value_and_grad(
+    fun: Callable[..., Any],
+    weighting: LossWeighting,
+    param_mask: PyTree,
+    argnums: int = 0,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """GradNorm's loss-scalarizing path: subset gradient norms + one weighted backward pass.
+
+    The per-task gradient norms over the parameters selected by ``param_mask`` (GradNorm's
+    "last shared layer") come from a per-task Jacobian w.r.t. those parameters only, which
+    back-propagates through the layers above them only (for the last shared layer: the task
+    heads); the model gradient is then ``weighted_value_and_grad``'s single backward pass.
+    Inside one ``jit`` XLA shares the two identical forward passes.
+
+    Args:
+      fun: returns per-task losses [K] (or ``(losses, aux)`` with ``has_aux``).
+      weighting: a `gradnorm_weighting`.
+      param_mask: pytree of bools, a prefix of the structure of ``args[argnums]``, selecting
+        the GradNorm parameters (keep it small: the Jacobian is K x their size).
+      argnums: which positional argument holds the parameters.
+      has_aux: as in ``jax.value_and_grad``.
+
+    Returns:
+      ``(weighting_state, *args, **extra) -> ((losses, weights, new_state[, aux]), grad)``,
+      as `weighted_value_and_grad`.
+
+    Example:
+      >>> lw = mtl.gradnorm_weighting(3)
+      >>> mask = {'encoder': {'conv': False, 'dense': True}, 'heads': False}
+      >>> vg = jax.jit(mtl.gradnorm_value_and_grad(loss_fn, lw, mask))
+      >>> (losses, w, lw_state), grads = vg(lw_state, params, batch)
+    """
+    vg = weighted_value_and_grad(fun, weighting, argnums, has_aux)
+
+    def wrapped(state, *args, **extra_args):
+        params = args[argnums]
+        leaves, treedef = jax.tree.flatten(params)
+        selected = _full_mask(param_mask, params)
+        if not any(selected):
+            raise ValueError("gradnorm_value_and_grad: param_mask selects no parameter.")
+
+        def subset_losses(sub):
+            it = iter(sub)
+            merged = [
+                next(it) if m else jax.lax.stop_gradient(x)
+                for x, m in zip(leaves, selected, strict=True)
+            ]
+            new_args = list(args)
+            new_args[argnums] = jax.tree.unflatten(treedef, merged)
+            out = fun(*new_args)
+            return out[0] if has_aux else out
+
+        sub = [x for x, m in zip(leaves, selected, strict=True) if m]
+        _, jac = jac_lib.value_and_jacobian(subset_losses)(sub)
+        norms = jax.lax.stop_gradient(task_grad_norms(jac))
+        return vg(state, *args, grad_norms=norms, **extra_args)
+
+    return wrapped
