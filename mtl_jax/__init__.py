@@ -99,25 +99,6 @@ from mtl_jax.transforms.seed_loss import (
     worst_task,
     worst_task_weighting,
 )
-# part D (LibMTL loss-level methods)
-from mtl_jax.transforms.db_mtl import db_mtl, db_mtl_weighting
-from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
-from mtl_jax.transforms.famo import famo, famo_weighting
-from mtl_jax.transforms.gradnorm import gradnorm, gradnorm_weighting, task_grad_norms
-from mtl_jax.transforms.loss_weighting import (
-    dwa,
-    dwa_weighting,
-    gls,
-    gls_weighting,
-    imtl_l,
-    imtl_l_weighting,
-    rlw,
-    rlw_weighting,
-    stch,
-    stch_weighting,
-    uncertainty_weighting,
-    uncertainty_weighting_weighting,
-)
 
 __version__ = "0.1.0"
 
@@ -226,26 +207,4 @@ __all__ = [
     "task_schedule_weighting",
     "worst_task",
     "worst_task_weighting",
-    # part D
-    "db_mtl",
-    "db_mtl_weighting",
-    "dwa",
-    "dwa_weighting",
-    "excess_mtl",
-    "excess_mtl_weighting",
-    "famo",
-    "famo_weighting",
-    "gls",
-    "gls_weighting",
-    "gradnorm",
-    "gradnorm_weighting",
-    "imtl_l",
-    "imtl_l_weighting",
-    "rlw",
-    "rlw_weighting",
-    "stch",
-    "stch_weighting",
-    "task_grad_norms",
-    "uncertainty_weighting",
-    "uncertainty_weighting_weighting",
 ]
