@@ -380,3 +380,24 @@ def test_unwritable_cache_dir_error(nyu_dir, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="MTL_JAX_TFDS_DIR"):
         _loader(nyu_dir, cache_dir=str(blocker))
+
+
+def test_train_without_drop_remainder_pads_each_epoch(nyu_dir):
+    loader = _loader(nyu_dir, drop_remainder=False, num_epochs=2)
+    assert loader.steps_per_epoch == 3  # 5 examples -> 2 + 2 + 1 real, 1 padding
+    ids = _ids(nyu_dir, "train", 5)
+    batches = [_batch_ids(b, ids) for b in loader]
+    assert len(batches) == 6
+    for epoch in (batches[:3], batches[3:]):
+        assert epoch[-1][1] is None
+        assert sorted(i for b in epoch for i in b if i is not None) == [0, 1, 2, 3, 4]
+
+
+def test_cityscapes19_float64_on_disk(tmp_path):
+    root = fabricate.write_fake("cityscapes19", str(tmp_path / "c19"), 2, 1, dtype=np.float64)
+    loader = data.make_loader("cityscapes19", root, "val", batch_size=1, seed=0, train=False)
+    b = next(iter(loader))
+    raw = np.load(os.path.join(root, "val", "label_19", "0.npy"))
+    assert raw.dtype == np.float64 and raw.max() > 6
+    np.testing.assert_array_equal(b["segmentation"][0], raw.astype(np.int32))
+    assert b["depth"].dtype == np.float32
