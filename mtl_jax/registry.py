@@ -15,15 +15,6 @@ import optax
 JACOBIAN_METHODS: tuple[str, ...] = (
     "scalarize",
     # -- Jacobian-level methods (issue 4) go here --
-    # part A
-    "mgda",
-    "upgrad",
-    "dualproj",
-    "imtl_g",
-    "aligned_mtl",
-    "conflict_free",
-    "krum",
-    "trimmed_mean",
     # part B
     "pcgrad",
     "cagrad",
@@ -34,6 +25,9 @@ JACOBIAN_METHODS: tuple[str, ...] = (
     "moco",
     "sdmgrad",
     "modo",
+    # part C (f_mtl needs the flat_jacobian extra arg and rep_mtl is a loss term: not here)
+    "fuller",
+    "sparse_training",
 )
 
 # Loss-level methods: weights from losses, rows scaled (METHODS.md section 2).
