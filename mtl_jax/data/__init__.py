@@ -7,6 +7,7 @@ Interface used by the training loop (issue 6)::
     loader = data.make_loader("nyuv2", data_dir, "train", batch_size=2, seed=0, train=True)
     for batch in loader: ...                   # dict of NumPy arrays, incl. 'mask'
     state = loader.get_state()                 # JSON-serializable; loader.set_state(state)
+    data.prepare("nyuv2", data_dir)            # optional: prepare the TFDS files up front
 
 Datasets: ``nyuv2`` (segmentation 13 classes, depth, normal; 288x384), ``cityscapes``
 (segmentation 7 classes, disparity; 128x256) and ``cityscapes19`` (19 classes), all in the
@@ -14,6 +15,7 @@ preprocessed ``.npy`` layout of MTAN that the benchmark papers use (see `dataset
 .instructions`). `fabricate` writes tiny copies in the same format.
 """
 
+from mtl_jax.data.builders import prepare
 from mtl_jax.data.loader import Loader, make_loader
 from mtl_jax.data.specs import DATASETS, DataLayoutError, DatasetInfo, dataset_info
 
@@ -24,4 +26,5 @@ __all__ = [
     "Loader",
     "dataset_info",
     "make_loader",
+    "prepare",
 ]

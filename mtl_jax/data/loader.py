@@ -189,11 +189,6 @@ class Loader:
         self._iterator.set_state(dict(state["iterator"]))
         self._exhausted = bool(state.get("exhausted", False))
 
-    @property
-    def step(self) -> int:
-        """Batches consumed so far in the stream (over all epochs of this loader)."""
-        return self.get_state()["iterator"].get("next_index", 0) // self.batch_size
-
 
 def make_loader(
     name: str,
