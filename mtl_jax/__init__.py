@@ -38,6 +38,14 @@ from mtl_jax.transforms.loss_base import (
 )
 
 # -- Jacobian-level methods (issue 4) --
+# part A (Gramian / QP methods checked against TorchJD)
+from mtl_jax.representation import RepresentationStep, representation_value_and_grad
+from mtl_jax.transforms.aligned import aligned_mtl, aligned_mtl_weights
+from mtl_jax.transforms.config import conflict_free, conflict_free_weights
+from mtl_jax.transforms.dual_cone import dualproj, dualproj_weights, upgrad, upgrad_weights
+from mtl_jax.transforms.imtl import imtl_g, imtl_g_weights
+from mtl_jax.transforms.mgda import mgda, mgda_weights
+from mtl_jax.transforms.robust import krum, krum_weights, trimmed_mean
 # part B (projection, stochastic and iterative-solver methods)
 from mtl_jax.transforms.cagrad import cagrad, cagrad_weights
 from mtl_jax.transforms.fairgrad import fairgrad, fairgrad_weights
@@ -52,6 +60,30 @@ from mtl_jax.transforms.rep_mtl import rep_mtl_loss, rep_mtl_regularizer
 from mtl_jax.transforms.sparse import sparse_training
 
 # -- loss-level methods (issue 5) --
+# part D (LibMTL loss-level methods)
+from mtl_jax.transforms.db_mtl import db_mtl, db_mtl_weighting
+from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
+from mtl_jax.transforms.famo import famo, famo_weighting
+from mtl_jax.transforms.gradnorm import (
+    gradnorm,
+    gradnorm_value_and_grad,
+    gradnorm_weighting,
+    task_grad_norms,
+)
+from mtl_jax.transforms.loss_weighting import (
+    dwa,
+    dwa_weighting,
+    gls,
+    gls_weighting,
+    imtl_l,
+    imtl_l_weighting,
+    rlw,
+    rlw_weighting,
+    stch,
+    stch_weighting,
+    uncertainty_weighting,
+    uncertainty_weighting_weighting,
+)
 # part E (seed-paper loss-level methods, task schedules)
 from mtl_jax import mixing
 from mtl_jax.transforms.schedules import task_schedule, task_schedule_weighting
@@ -71,25 +103,6 @@ from mtl_jax.transforms.seed_loss import (
     median_normalize_weighting,
     worst_task,
     worst_task_weighting,
-)
-# part D (LibMTL loss-level methods)
-from mtl_jax.transforms.db_mtl import db_mtl, db_mtl_weighting
-from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
-from mtl_jax.transforms.famo import famo, famo_weighting
-from mtl_jax.transforms.gradnorm import gradnorm, gradnorm_weighting, task_grad_norms
-from mtl_jax.transforms.loss_weighting import (
-    dwa,
-    dwa_weighting,
-    gls,
-    gls_weighting,
-    imtl_l,
-    imtl_l_weighting,
-    rlw,
-    rlw_weighting,
-    stch,
-    stch_weighting,
-    uncertainty_weighting,
-    uncertainty_weighting_weighting,
 )
 
 __version__ = "0.1.0"
@@ -123,6 +136,24 @@ __all__ = [
     "value_and_jacobian",
     "weighted_sum",
     # -- Jacobian-level methods (issue 4) --
+    # part A
+    "RepresentationStep",
+    "aligned_mtl",
+    "aligned_mtl_weights",
+    "conflict_free",
+    "conflict_free_weights",
+    "dualproj",
+    "dualproj_weights",
+    "imtl_g",
+    "imtl_g_weights",
+    "krum",
+    "krum_weights",
+    "mgda",
+    "mgda_weights",
+    "representation_value_and_grad",
+    "trimmed_mean",
+    "upgrad",
+    "upgrad_weights",
     # part B
     "cagrad",
     "cagrad_weights",
@@ -147,6 +178,29 @@ __all__ = [
     "rep_mtl_regularizer",
     "sparse_training",
     # -- loss-level methods (issue 5) --
+    # part D
+    "db_mtl",
+    "db_mtl_weighting",
+    "dwa",
+    "dwa_weighting",
+    "excess_mtl",
+    "excess_mtl_weighting",
+    "famo",
+    "famo_weighting",
+    "gls",
+    "gls_weighting",
+    "gradnorm",
+    "gradnorm_weighting",
+    "gradnorm_value_and_grad",
+    "imtl_l",
+    "imtl_l_weighting",
+    "rlw",
+    "rlw_weighting",
+    "stch",
+    "stch_weighting",
+    "task_grad_norms",
+    "uncertainty_weighting",
+    "uncertainty_weighting_weighting",
     # part E
     "adaptive_task_balancing",
     "adaptive_task_balancing_weighting",
@@ -166,26 +220,4 @@ __all__ = [
     "task_schedule_weighting",
     "worst_task",
     "worst_task_weighting",
-    # part D
-    "db_mtl",
-    "db_mtl_weighting",
-    "dwa",
-    "dwa_weighting",
-    "excess_mtl",
-    "excess_mtl_weighting",
-    "famo",
-    "famo_weighting",
-    "gls",
-    "gls_weighting",
-    "gradnorm",
-    "gradnorm_weighting",
-    "imtl_l",
-    "imtl_l_weighting",
-    "rlw",
-    "rlw_weighting",
-    "stch",
-    "stch_weighting",
-    "task_grad_norms",
-    "uncertainty_weighting",
-    "uncertainty_weighting_weighting",
 ]

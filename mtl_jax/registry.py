@@ -15,6 +15,15 @@ import optax
 JACOBIAN_METHODS: tuple[str, ...] = (
     "scalarize",
     # -- Jacobian-level methods (issue 4) go here --
+    # part A
+    "mgda",
+    "upgrad",
+    "dualproj",
+    "imtl_g",
+    "aligned_mtl",
+    "conflict_free",
+    "krum",
+    "trimmed_mean",
     # part B
     "pcgrad",
     "cagrad",
