@@ -121,10 +121,14 @@ def _with_num_tasks(spec: Mapping[str, Any], k: int) -> dict[str, Any]:
     return spec
 
 
+def _identity() -> optax.GradientTransformationExtraArgs:
+    return optax.with_extra_args_support(optax.identity())
+
+
 def build_balancer(specs: Sequence[Mapping[str, Any]], num_tasks: int):
     """The Jacobian -> Jacobian chain for ``specs`` (``num_tasks`` filled in where accepted)."""
     if not specs:
-        return optax.identity()
+        return _identity()
     return mtl.build_chain([_with_num_tasks(s, num_tasks) for s in specs])
 
 
@@ -282,7 +286,7 @@ class Trainer:
         )
         balancer = build_balancer(self.specs, self.num_tasks)
         if self.loss_weighting is None and config.get("shared_only", True):
-            balancer = mtl.shared_only(balancer, self.labels, reducer=optax.identity())
+            balancer = mtl.shared_only(balancer, self.labels, reducer=_identity())
         self.balancer = balancer
         self.optimizer, self.schedule = make_optimizer(config, steps_per_epoch)
         self.repl = NamedSharding(mesh, P())
@@ -306,6 +310,8 @@ class Trainer:
             "balancer": bal_state,
             "opt": self.optimizer.init(params),
         }
+        # Distinct buffers (an init may reuse one array in two fields; the step donates them).
+        state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
         return jax.device_put(state, self.repl)
 
     # -- steps -------------------------------------------------------------------------------
@@ -367,7 +373,7 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
         out["losses"] = losses
-        out["grad_norm"] = optax.global_norm(grads)
+        out["grad_norm"] = optax.tree.norm(grads)
         new_state = {
             "step": step + 1,
             "params": params,

@@ -139,7 +139,7 @@ def finalize_prediction(task: str, x: jax.Array) -> jax.Array:
     """
     if task == "segmentation":
         return jax.nn.log_softmax(x, axis=-1)
-    if task == "normal":
-        norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-        return (x / jnp.maximum(norm, 1e-12).astype(x.dtype)).astype(x.dtype)
+    if task == "normal":  # rsqrt of a clamped square norm: no NaN gradient at x = 0
+        sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        return (x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))).astype(x.dtype)
     return x
