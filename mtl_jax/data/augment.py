@@ -47,11 +47,10 @@ def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
     x0, x1, lx = _linear_weights(width, x.shape[1])
     ly = ly[:, None, None]
     lx = lx[None, :, None]
-    top = x[y0]
-    bottom = x[y1]
-    top = top[:, x0] * (1 - lx) + top[:, x1] * lx
-    bottom = bottom[:, x0] * (1 - lx) + bottom[:, x1] * lx
-    return (top * (1 - ly) + bottom * ly).astype(x.dtype)
+    # Interpolate along x once per input row, then along y: the same products and order as
+    # PyTorch's kernel, h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11).
+    cols = x[:, x0] * (1 - lx) + x[:, x1] * lx
+    return (cols[y0] * (1 - ly) + cols[y1] * ly).astype(x.dtype)
 
 
 def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
