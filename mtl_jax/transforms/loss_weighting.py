@@ -16,8 +16,9 @@ Conventions shared by the methods of this module:
   since LibMTL trains these parameters with the model's optimizer.
 * Epoch-level methods (DWA, STCH) take an optional ``epoch=`` extra arg (int, may be traced).
   Pass the current epoch at every step, as LibMTL's trainer does; a change of ``epoch`` closes
-  the previous epoch (its mean loss over the calls of that epoch enters the history). Without
-  ``epoch``, every call counts as one epoch.
+  the previous epoch (its mean loss over the calls of that epoch enters the history). Epochs
+  are 0-based as in LibMTL (it matters for STCH's ``warmup_epoch``). Without ``epoch``, every
+  call counts as one epoch.
 * Methods that take logs of losses (GLS, STCH) clamp losses to ``max(loss, 0)`` before adding
   their ``eps`` (the reference's epsilon), so zero or negative losses give finite weights;
   for positive losses this is exactly the reference formula.
@@ -482,8 +483,9 @@ def stch_weighting(
     ``K mu log sum_k exp(log(L_k / z_k) / mu)``, whose weights are
     ``w_k = K softmax_k(log(L / z) / mu) / L_k``.
 
-    Epochs: pass ``epoch=`` at every update (as LibMTL); without it each call is one epoch.
-    If no call fell in epoch ``warmup_epoch``, the first later call provides the nadir point.
+    Epochs: pass the 0-based ``epoch=`` at every update (as LibMTL's trainer); without it each
+    call is one epoch. If no call fell in epoch ``warmup_epoch``, the first later call provides
+    the nadir point.
 
     Args:
       num_tasks: K.
