@@ -120,6 +120,62 @@ def test_uncertainty_weighting_recovers_noise_ratio():
     assert r["variance_2"] == pytest.approx(4.0, rel=0.1)
 
 
+@pytest.mark.reference
+def test_uncertainty_weighting_and_imtl_l_match_libmtl_torch_code():
+    """LibMTL's UW and IMTL-L losses, differentiated by torch autograd, stepped by torch Adam."""
+    import torch
+
+    losses = loss_sequence()
+    for name, init, scaled, weight in [
+        ("uw", -0.5, lambda s, x: x / (2 * s.exp()) + s / 2, lambda s: 1 / (2 * s.exp())),
+        ("imtl_l", 0.0, lambda s, x: s.exp() * x - s, lambda s: s.exp()),
+    ]:
+        s = torch.nn.Parameter(torch.full((3,), init, dtype=torch.float64))
+        opt = torch.optim.Adam([s], lr=0.05, weight_decay=1e-5)
+        want = []
+        for loss in losses:
+            opt.zero_grad()
+            curr = torch.tensor(loss, requires_grad=True)
+            total = scaled(s, curr).sum()
+            total.backward()
+            want.append(curr.grad.numpy().copy())  # the weights are d total / d L_k
+            np.testing.assert_allclose(want[-1], weight(s).detach().numpy(), rtol=1e-12)
+            opt.step()
+        factory = {"uw": mtl.uncertainty_weighting_weighting, "imtl_l": mtl.imtl_l_weighting}
+        got, _ = run_weighting(factory[name](3, optimizer=torch_adam(0.05, 1e-5)), losses)
+        assert_weights_close(got, np.stack(want))
+
+
+@pytest.mark.reference
+def test_gls_and_stch_match_libmtl_torch_autograd():
+    """Weights = autograd of LibMTL's GLS / STCH loss expressions w.r.t. the task losses."""
+    import torch
+
+    epochs = [e for e in range(6) for _ in range(4)]
+    losses = loss_sequence(steps=len(epochs))
+    gls_want, stch_want, total, count, nadir = [], [], 0.0, 0, None
+    for loss, e in zip(losses, epochs, strict=True):
+        curr = torch.tensor(loss, requires_grad=True)
+        (g,) = torch.autograd.grad(torch.pow(curr.prod(), 1.0 / 3), curr)
+        gls_want.append(g.numpy())
+        curr = torch.tensor(loss, requires_grad=True)
+        if e <= 2:
+            obj = torch.log(curr + 1e-20).sum()
+            if e == 2:
+                total, count = total + curr.detach(), count + 1
+        else:
+            nadir = total / count if nadir is None else nadir
+            rel = torch.log(curr / nadir + 1e-20)
+            obj = 1.0 * torch.log(torch.sum(torch.exp((rel - rel.detach().max()) / 1.0))) * 3
+        (g,) = torch.autograd.grad(obj, curr)
+        stch_want.append(g.numpy())
+    got, _ = run_weighting(mtl.gls_weighting(3), losses)
+    assert_weights_close(got, np.stack(gls_want))
+    lw = mtl.stch_weighting(3, warmup_epoch=2)
+    got, _ = run_weighting(lw, losses, lambda t: {"epoch": epochs[t]})
+    assert_weights_close(got, np.stack(stch_want))
+
+
 # ---------------------------------------------------------------------------------------------
 # DWA -- LibMTL/weighting/DWA.py + LibMTL/trainer.py: train_loss_buffer[:, e] is the mean
 # training loss of epoch e; in epoch e > 1 the weights are
