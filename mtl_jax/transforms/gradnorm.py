@@ -99,6 +99,10 @@ def gradnorm_weighting(
 
       Checked against: LibMTL ``LibMTL/weighting/GradNorm.py`` (softmax parametrization,
       ``loss_scale`` init 1, EW during epoch 0, ``L(0)`` = epoch-0 mean training loss).
+      Differences from the paper, which we follow LibMTL in: the paper learns the weights
+      directly and renormalizes them to sum to K after each step (here ``K softmax(p)`` keeps
+      them positive and summing to K), and takes ``L(0)`` from the first step (here: call
+      without ``epoch``).
     """
     name = "gradnorm"
     k = check_num_tasks_arg(name, num_tasks)

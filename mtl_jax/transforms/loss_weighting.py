@@ -129,7 +129,9 @@ def uncertainty_weighting_weighting(
       Geometry and Semantics. CVPR 2018.
 
       Checked against: LibMTL ``LibMTL/weighting/UW.py`` (weights ``1/(2 exp(s))``, ``+s/2``,
-      init -0.5, ``s`` trained by the model's Adam).
+      init -0.5, ``s`` trained by the model's Adam). The paper's classification form
+      (``1/sigma^2`` weight, ``log sigma`` term) is not used: LibMTL applies the regression
+      form to every task, and so do we.
     """
     name = "uncertainty_weighting"
     k = check_num_tasks_arg(name, num_tasks)
