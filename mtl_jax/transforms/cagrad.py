@@ -46,42 +46,69 @@ def _pgd(g, b, s, w0, max_iter):
     return w
 
 
-def _polish(g, b, s, w, support_tol=1e-7):
-    """Exact KKT solve on the support of ``w``; kept only if feasible, optimal and not worse.
+def _support_solve(g, b, s, sup):
+    """Exact stationary point of the problem restricted to the support ``sup`` (0/1 mask).
 
-    On the support S the stationarity conditions ``b_S + (s/n) G_SS w_S = mu 1`` with
-    ``n = sqrt(w^T G w)``, ``1^T w = 1`` reduce to a quadratic in ``mu`` (using
-    ``p = G_SS^-1 1``, ``q = G_SS^-1 b_S``): ``(1^T p) mu^2 - 2 (1^T q) mu + b_S^T q - s^2 = 0``,
-    then ``lam = s/n = mu 1^T p - 1^T q`` and ``w_S = (mu p - q) / lam``.
+    On S the conditions ``b_S + lam G_SS w_S = mu 1`` with ``lam = s / sqrt(w^T G w)`` and
+    ``1^T w = 1`` reduce, with ``p = G_SS^-1 1`` and ``q = G_SS^-1 b_S``, to
+    ``(1^T p) mu^2 - 2 (1^T q) mu + b_S^T q - s^2 = 0``; the root with ``lam > 0`` is
+    ``lam = sqrt(disc)``, ``mu = (1^T q + lam) / 1^T p``, and ``w_S = (mu p - q) / lam``.
+    The linear solves are Jacobi-scaled (unit diagonal), which matters when the task
+    gradients' norms span orders of magnitude.
+
+    Returns:
+      ``(w, mu, lam, ok)``.
+    """
+    m = g * jnp.outer(sup, sup) + jnp.diag(1.0 - sup)
+    d = jnp.diag(m)
+    d = jnp.where(d > 0, d, 1.0)
+    r = 1.0 / jnp.sqrt(d)
+    ms = m * jnp.outer(r, r)
+    rhs = jnp.stack([sup, b * sup], axis=1) * r[:, None]
+    sol = jnp.linalg.solve(ms, rhs) * r[:, None]
+    p, q = sol[:, 0], sol[:, 1]
+    a2, a1, a0 = jnp.sum(p), jnp.sum(q), jnp.dot(b * sup, q) - s * s
+    disc = a1 * a1 - a2 * a0
+    lam = jnp.sqrt(jnp.maximum(disc, 0.0))
+    mu = (a1 + lam) / jnp.where(a2 > 0, a2, 1.0)
+    w = (mu * p - q) / jnp.where(lam > 0, lam, 1.0) * sup
+    ok = (a2 > 0) & (disc > 0) & jnp.all(jnp.isfinite(w)) & jnp.isfinite(mu)
+    return w, mu, lam, ok
+
+
+def _active_set(g, b, s, w0, max_iter, support_tol=1e-7):
+    """Primal active-set refinement from the support of ``w0`` (drop negative, add violating).
+
+    Returns the first support solution satisfying the KKT conditions (feasible, and
+    ``grad_i >= mu`` off the support) if its objective is not worse than ``w0``'s; else
+    ``w0``.
     """
     k = g.shape[0]
-    sup = (w > support_tol).astype(g.dtype)
-    m = g * jnp.outer(sup, sup) + jnp.diag(1.0 - sup)
-    p = jnp.linalg.solve(m, sup)
-    q = jnp.linalg.solve(m, b * sup)
-    a2, a1, a0 = jnp.sum(p), jnp.sum(q), jnp.dot(b * sup, q) - s * s
-    disc = jnp.maximum(a1 * a1 - a2 * a0, 0.0)
-    safe_a2 = jnp.where(jnp.abs(a2) > 0, a2, 1.0)
-    best = w
-    best_f = _objective(g, b, s, w)
-    for sign in (1.0, -1.0):
-        mu = (a1 + sign * jnp.sqrt(disc)) / safe_a2
-        lam = mu * a2 - a1
-        cand = (mu * p - q) / jnp.where(jnp.abs(lam) > 0, lam, 1.0) * sup
-        f = _objective(g, b, s, cand)
-        grad = b + lam * (g @ cand)
-        kkt = jnp.all(grad >= mu - 1e-5 * (jnp.abs(mu) + jnp.max(jnp.abs(b)) + s))
-        ok = (
-            jnp.all(jnp.isfinite(cand))
-            & (lam > 0)
-            & jnp.all(cand >= -1e-9)
-            & (jnp.abs(jnp.sum(cand) - 1.0) < 1e-5)
-            & (f <= best_f + 1e-7 * (jnp.abs(best_f) + s))
-            & kkt
-            & (k > 1)
-        )
-        best = jnp.where(ok, project_simplex(jnp.maximum(cand, 0.0)), best)
-        best_f = jnp.where(ok, _objective(g, b, s, best), best_f)
+    f0 = _objective(g, b, s, w0)
+
+    def body(_, carry):
+        sup, best, done = carry
+        w, mu, lam, ok = _support_solve(g, b, s, sup)
+        on = sup > 0
+        neg = on & (w < -1e-9 * jnp.max(jnp.abs(w)))
+        grad = b + lam * (g @ w)
+        viol = jnp.where(on, 0.0, mu - grad)
+        tol = 1e-5 * (jnp.abs(grad) + jnp.abs(mu)) + 1e-30
+        any_neg = jnp.any(neg)
+        any_viol = jnp.any(viol > tol)
+        kkt = ok & ~any_neg & ~any_viol
+        cand = project_simplex(jnp.maximum(w, 0.0))
+        accept = ~done & kkt & (_objective(g, b, s, cand) <= f0 + 1e-6 * jnp.abs(f0))
+        best = jnp.where(accept, cand, best)
+        drop = jnp.argmin(jnp.where(neg, w, jnp.inf))
+        add = jnp.argmax(jnp.where(viol > tol, viol, -jnp.inf))
+        new_sup = jnp.where(any_neg, sup.at[drop].set(0.0), sup.at[add].set(1.0))
+        new_sup = jnp.where(jnp.sum(new_sup) > 0, new_sup, sup)
+        done = done | kkt | ~ok
+        return jnp.where(done, sup, new_sup), best, done
+
+    sup0 = (w0 > support_tol).astype(g.dtype)
+    _, best, _ = jax.lax.fori_loop(0, max_iter, body, (sup0, w0, jnp.asarray(k < 2)))
     return best
 
 
@@ -93,7 +120,7 @@ def cagrad_weights(
     Solves the dual of CAGrad over the simplex,
     ``min_w  w^T G 1/K + c ||g0|| sqrt(w^T G w)`` (``g0`` the mean gradient), on the
     trace-normalized Gramian, by projected gradient with backtracking (``max_iter`` steps)
-    followed by an exact KKT solve on the detected support. The weights are
+    followed by a primal active-set refinement (exact KKT solves on supports, at most 3K). The weights are
     ``1/K + c ||g0|| / ||g_w|| * w``: ``d = g0 + c ||g0|| g_w / ||g_w||``.
 
     Args:
@@ -118,7 +145,7 @@ def cagrad_weights(
     b = g @ uniform
     s = c * jnp.sqrt(jnp.maximum(uniform @ b, 0.0))
     w = _pgd(g, b, s, uniform, max_iter)
-    w = _polish(g, b, s, w)
+    w = _active_set(g, b, s, w, 3 * k)
     gw_norm = jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))
     weights = uniform + s / jnp.where(gw_norm > 0, gw_norm, 1.0) * w
     weights = jnp.where(gw_norm >= norm_eps, weights, 0.0)
@@ -131,7 +158,8 @@ def cagrad(c: float = 0.4, norm_eps: float = 1e-4) -> optax.GradientTransformati
     The update is ``d = g0 + c ||g0|| g_w / ||g_w||`` with ``g0`` the mean gradient and ``w``
     the solution of the dual ``min_{w in simplex} g_w^T g0 + c ||g0|| ||g_w||``; returned as
     ``diag(weights) J`` (`cagrad_weights`), so ``sum_tasks`` gives ``d``. The dual is solved in
-    K-space with a fixed budget (projected gradient with backtracking + exact support polish).
+    K-space with a fixed budget (projected gradient with backtracking, then an active-set
+    refinement with exact, Jacobi-scaled KKT solves on the support).
 
     Args:
       c: radius scale of the ball constraint, ``c >= 0``. TorchJD has no default; 0.4 is the
