@@ -1,0 +1,215 @@
+"""Tests of the dense-prediction models (mtl_jax/models).
+
+Architectures are checked against the reference implementations by exact parameter counts
+re-derived from their source (Nash-MTL ``experiments/nyuv2/models.py`` for SegNet / MTAN,
+torchvision's ResNet as wrapped by LibMTL ``LibMTL/model/resnet_dilated.py``, LibMTL
+``examples/nyu/aspp.py`` for the DeepLab head), the pooling / upsampling primitives against NumPy
+re-derivations of PyTorch's semantics, and forward passes of tiny instances for shapes, output
+activations and the shared / task-specific labels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtl_jax import models
+from mtl_jax.models import layers
+
+NYU = {"segmentation": 13, "depth": 1, "normal": 3}
+
+
+def count(model_fn) -> int:
+    abstract = nnx.eval_shape(model_fn)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+# -- parameter counts re-derived from the reference code ----------------------------------------
+
+
+def conv_layer(cin, cout):  # nn.Conv2d(3x3, bias) + BatchNorm2d (weight, bias)
+    return 9 * cin * cout + cout + 2 * cout
+
+
+def att_layer(c0, c1, c2):  # 1x1 conv + BN, 1x1 conv + BN
+    return c0 * c1 + c1 + 2 * c1 + c1 * c2 + c2 + 2 * c2
+
+
+def pred_layer(c0, cout):  # 3x3 conv (c0 -> c0) + 1x1 conv (c0 -> cout), both with bias
+    return 9 * c0 * c0 + c0 + c0 * cout + cout
+
+
+def segnet_backbone(f):
+    n = conv_layer(3, f[0]) + conv_layer(f[0], f[0])  # encoder_block[0], decoder_block[0]
+    for i in range(4):
+        n += conv_layer(f[i], f[i + 1]) + conv_layer(f[i + 1], f[i])
+    n += 2 * conv_layer(f[0], f[0])  # conv_block_enc[0], conv_block_dec[0]
+    for i in range(4):
+        if i == 0:
+            n += conv_layer(f[1], f[1]) + conv_layer(f[0], f[0])
+        else:
+            n += 2 * conv_layer(f[i + 1], f[i + 1]) + 2 * conv_layer(f[i], f[i])
+    return n
+
+
+def mtan_count(f, outs):
+    n = segnet_backbone(f)
+    k = len(outs)
+    n += k * (att_layer(f[0], f[0], f[0]) + att_layer(2 * f[0], f[0], f[0]))
+    for i in range(4):
+        n += k * att_layer(2 * f[i + 1], f[i + 1], f[i + 1])
+        n += k * att_layer(f[i + 1] + f[i], f[i], f[i])
+    n += conv_layer(f[0], f[1]) + conv_layer(f[0], f[0])  # encoder/decoder_block_att[0]
+    for i in range(4):
+        if i < 3:
+            n += conv_layer(f[i + 1], f[i + 2]) + conv_layer(f[i + 1], f[i])
+        else:
+            n += 2 * conv_layer(f[i + 1], f[i + 1])
+    return n + sum(pred_layer(f[0], c) for c in outs)
+
+
+def test_segnet_mtan_parameter_count_matches_reference():
+    f = (64, 128, 256, 512, 512)
+    got = count(lambda: models.SegNetMTAN(NYU, filters=f, rngs=nnx.Rngs(0)))
+    assert got == mtan_count(f, NYU.values())
+
+
+def test_segnet_split_parameter_count_matches_reference():
+    f = (64, 128, 256, 512, 512)
+    got = count(lambda: models.SegNet(NYU, filters=f, rngs=nnx.Rngs(0)))
+    assert got == segnet_backbone(f) + sum(pred_layer(64, c) for c in NYU.values())
+
+
+@pytest.mark.parametrize(
+    "depth,expected",
+    # torchvision resnet18 / resnet50 totals (11,689,512 / 25,557,032) minus the fc layer.
+    [(18, 11_689_512 - 513_000), (50, 25_557_032 - 2_049_000)],
+)
+def test_dilated_resnet_parameter_count_matches_torchvision(depth, expected):
+    assert count(lambda: models.DilatedResNet(depth, rngs=nnx.Rngs(0))) == expected
+
+
+def test_deeplab_head_parameter_count_matches_libmtl():
+    c, cin, out = 256, 2048, 13
+    expected = (
+        (cin * c + 2 * c)  # 1x1 branch
+        + 3 * (9 * cin * c + 2 * c)  # atrous branches
+        + (cin * c + 2 * c)  # image pooling
+        + (5 * c * c + 2 * c)  # projection
+        + (9 * c * c + 2 * c)  # 3x3 conv
+        + (c * out + out)  # classifier
+    )
+    assert count(lambda: models.DeepLabHead(cin, out, rngs=nnx.Rngs(0))) == expected
+
+
+# -- primitives ----------------------------------------------------------------------------------
+
+
+def test_max_pool_with_argmax_and_unpool_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 6, 3)).astype(np.float32)
+    x[0, 0, 0, 0] = x[0, 0, 1, 0] = x[0, 1, 0, 0] = x[0, 1, 1, 0] = 5.0  # tie: first wins
+    pooled, idx = layers.max_pool_with_argmax(jnp.asarray(x))
+    up = np.asarray(layers.max_unpool(pooled, idx))
+    expected_pool = np.zeros((2, 2, 3, 3), np.float32)
+    expected_up = np.zeros_like(x)
+    for b in range(2):
+        for i in range(2):
+            for j in range(3):
+                for c in range(3):
+                    win = x[b, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, c].reshape(-1)
+                    a = int(np.argmax(win))  # PyTorch: first maximum, row-major in the window
+                    expected_pool[b, i, j, c] = win[a]
+                    expected_up[b, 2 * i + a // 2, 2 * j + a % 2, c] = win[a]
+    np.testing.assert_array_equal(np.asarray(pooled), expected_pool)
+    np.testing.assert_array_equal(up, expected_up)
+    assert up[0, 0, 0, 0] == 5.0 and up[0, 0, 1, 0] == 0.0
+
+
+def test_resize_bilinear_align_corners_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 3, 4, 2)).astype(np.float32)
+    out = np.asarray(layers.resize_bilinear_align_corners(jnp.asarray(x), 6, 8))
+
+    def ref(x, h, w):  # align_corners=True: output i samples input i * (n - 1) / (m - 1)
+        res = np.zeros((x.shape[0], h, w, x.shape[3]), np.float64)
+        for i in range(h):
+            for j in range(w):
+                y, z = i * (x.shape[1] - 1) / (h - 1), j * (x.shape[2] - 1) / (w - 1)
+                y0, z0 = min(int(y), x.shape[1] - 2), min(int(z), x.shape[2] - 2)
+                dy, dz = y - y0, z - z0
+                res[:, i, j] = (
+                    x[:, y0, z0] * (1 - dy) * (1 - dz)
+                    + x[:, y0 + 1, z0] * dy * (1 - dz)
+                    + x[:, y0, z0 + 1] * (1 - dy) * dz
+                    + x[:, y0 + 1, z0 + 1] * dy * dz
+                )
+        return res
+
+    np.testing.assert_allclose(out, ref(x, 6, 8), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[:, 0, 0], x[:, 0, 0])  # corners kept
+    np.testing.assert_allclose(out[:, -1, -1], x[:, -1, -1])
+
+
+@pytest.mark.reference
+def test_resize_and_unpool_match_torch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 4, 6, 3)).astype(np.float32)
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    ref = F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
+    got = layers.resize_bilinear_align_corners(jnp.asarray(x), 8, 12)
+    np.testing.assert_allclose(np.asarray(got), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    pooled, idx = torch.nn.MaxPool2d(2, 2, return_indices=True)(t)
+    ref_up = torch.nn.MaxUnpool2d(2, 2)(pooled, idx).permute(0, 2, 3, 1).numpy()
+    got_up = layers.max_unpool(*layers.max_pool_with_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(got_up), ref_up)
+
+
+# -- tiny forward passes -------------------------------------------------------------------------
+
+TINY = {
+    "segnet": dict(filters=(2, 4, 4, 4, 4)),
+    "segnet_mtan": dict(filters=(2, 4, 4, 4, 4)),
+    "resnet_deeplab": dict(depth=18, width=2, aspp_channels=4),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    # Compiling/tracing a model costs 20-60 s of CPU here: the benchmark model by default.
+    ["segnet_mtan", pytest.param("segnet", marks=pytest.mark.slow)]
+    + [pytest.param("resnet_deeplab", marks=pytest.mark.slow)],
+)
+def test_forward_shapes_activations_and_labels(name):
+    model = models.build_model(name, NYU, seed=0, **TINY[name])
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 64, 3))
+    out = model(x, train=False)  # eager: cheaper than compiling for one call
+    assert set(out) == set(NYU)
+    for t, c in NYU.items():
+        assert out[t].shape == (2, 32, 64, c)
+        assert np.all(np.isfinite(out[t]))
+    np.testing.assert_allclose(jax.nn.logsumexp(out["segmentation"], axis=-1), 0.0, atol=1e-5)
+    norm = np.linalg.norm(out["normal"], axis=-1)  # unit vectors (0 where the raw output is 0)
+    assert np.all(np.isclose(norm, 1.0, atol=1e-5) | (norm == 0.0)) and np.mean(norm) > 0.5
+    params = nnx.state(model, nnx.Param)
+    labels = models.param_labels(model, params)
+    flat = jax.tree_util.tree_leaves_with_path(labels)
+    task_specific = {jax.tree_util.keystr(p) for p, lab in flat if lab == "task_specific"}
+    assert task_specific and len(task_specific) < len(flat)
+    assert all(any(m in p for m in model.task_specific_modules) for p in task_specific)
+
+
+def test_build_model_and_mtan_errors():
+    with pytest.raises(ValueError, match="Valid models:.*segnet_mtan"):
+        models.build_model("unet", NYU)
+    with pytest.raises(ValueError, match=r"f\[3\] == f\[4\]"):
+        models.SegNetMTAN(NYU, filters=(2, 4, 8, 16, 32), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        models.SegNet(NYU, filters=(2, 2, 2, 2, 2), rngs=nnx.Rngs(0))(jnp.zeros((1, 48, 48, 3)))
+    with pytest.raises(ValueError, match="depth must be one of"):
+        models.DilatedResNet(42, rngs=nnx.Rngs(0))
