@@ -132,8 +132,21 @@ def build_balancer(specs: Sequence[Mapping[str, Any]], num_tasks: int):
     return mtl.build_chain([_with_num_tasks(s, num_tasks) for s in specs])
 
 
+def equal_weighting(num_tasks: int) -> mtl.LossWeighting:
+    """Weights all ones: the plain gradient of the summed losses (one backward pass)."""
+    return mtl.LossWeighting(
+        init=lambda: (),
+        update=lambda losses, state, **_: (jnp.ones_like(losses), state),
+        num_tasks=num_tasks,
+        name="equal_weighting",
+    )
+
+
 def loss_weighting_for(specs: Sequence[Mapping[str, Any]], num_tasks: int):
-    """The `mtl.LossWeighting` of a lone loss-level method, or None (then the Jacobian path)."""
+    """The `mtl.LossWeighting` of a lone loss-level method (or of equal weighting for an empty
+    chain), or None (then the Jacobian path)."""
+    if not specs:
+        return equal_weighting(num_tasks)
     if len(specs) != 1 or specs[0]["name"] not in mtl.LOSS_METHODS:
         return None
     factory = getattr(mtl, specs[0]["name"] + "_weighting", None)
@@ -320,7 +333,7 @@ class Trainer:
         # ones inside the Jacobian's vjp and updating them raises nnx's TraceContextError.
         batch_stats = jax.tree.map(lambda x: x, batch_stats)
         model = nnx.merge(self.graphdef, params, batch_stats)
-        preds = model(batch["image"], train=train, key=key)
+        preds = model(batch[self.config.get("input_key", "image")], train=train, key=key)
         return preds, nnx.state(model, nnx.BatchStat)
 
     def _losses(self, params, batch_stats, batch, key):

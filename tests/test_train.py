@@ -78,6 +78,7 @@ def test_loss_weighting_path_only_for_a_lone_loss_method():
     assert train.loss_weighting_for([{"name": "dwa"}], 3) is not None
     assert train.loss_weighting_for([{"name": "upgrad"}], 3) is None
     assert train.loss_weighting_for([{"name": "dwa"}, {"name": "pcgrad"}], 3) is None
+    assert train.loss_weighting_for([], 3).name == "equal_weighting"  # one backward pass
 
 
 def test_step_schedule_halves_at_epoch_boundary():
@@ -203,7 +204,10 @@ def test_one_train_step_of_every_balancer(name):
 def test_equal_weighting_step_matches_plain_gradient_of_summed_losses():
     # SGD with lr 1 makes the update the gradient itself (Adam would amplify float noise in
     # near-zero gradients, e.g. of the conv bias before BatchNorm, to +-lr).
-    trainer = make_trainer("", shared_only=False, optimizer="sgd", momentum=0.0, learning_rate=1.0)
+    # The Jacobian path (loss_only_path=False) with no balancer must equal it too.
+    trainer = make_trainer(
+        "", loss_only_path=False, optimizer="sgd", momentum=0.0, learning_rate=1.0
+    )
     state = trainer.init_state()
     batch = trainer.shard_batch(synthetic_batch())
     p0 = state["params"]
