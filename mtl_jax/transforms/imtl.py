@@ -14,7 +14,9 @@ def imtl_g_weights(gramian: jax.Array) -> jax.Array:
 
     The update ``J^T w`` has equal projections on every unit task gradient (for linearly
     independent rows); ``G^+`` (pseudo-inverse, cutoff ``K * eps`` relative, like
-    ``torch.linalg.pinv``) extends it to linearly dependent rows. When ``sum(v)`` is
+    ``torch.linalg.pinv``) extends it to linearly dependent rows. For a nonsingular ``G`` the
+    inverse is applied through the unit-diagonal Gramian ``D^{-1} G D^{-1}``, which keeps
+    float32 accurate when task gradient norms differ by orders of magnitude. When ``sum(v)`` is
     numerically zero (``|sum(v)| < 1e-12``) the weights are zero, as in TorchJD.
 
     Args:
@@ -35,7 +37,18 @@ def imtl_g_weights(gramian: jax.Array) -> jax.Array:
     g = jnp.where(finite, 0.5 * (g + g.T), 0.0)
     d = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
     eps = jnp.finfo(dtype).eps
-    v = jnp.linalg.pinv(g, rtol=k * eps, hermitian=True) @ d
+    # Nonsingular G: G^{-1} d = D^{-1} C^{-1} 1 with the unit Gramian C = D^{-1} G D^{-1}
+    # (D = diag d). C stays well conditioned when only the row norms differ (e.g. 1e-3..1e3),
+    # where G's own eigendecomposition loses ~eps * cond(G) relative accuracy.
+    nonzero = d > 0
+    d_safe = jnp.where(nonzero, d, 1.0)
+    lam_c, q_c = jnp.linalg.eigh(g / jnp.outer(d_safe, d_safe))
+    invertible = jnp.all(nonzero) & (lam_c[0] > 10 * k * eps * lam_c[-1])
+    lam_c = jnp.where(lam_c > 0, lam_c, 1.0)
+    v_scaled = (q_c @ ((q_c.T @ jnp.ones((k,), dtype)) / lam_c)) / d_safe
+    # Singular G (dependent or zero rows): TorchJD's pseudo-inverse (cutoff K * eps).
+    v_pinv = jnp.linalg.pinv(g, rtol=k * eps, hermitian=True) @ d
+    v = jnp.where(invertible, v_scaled, v_pinv)
     total = jnp.sum(v)
     ok = (jnp.abs(total) >= 1e-12) & jnp.all(jnp.isfinite(v))
     return jnp.where(ok, v / jnp.where(ok, total, 1.0), 0.0)

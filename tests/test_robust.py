@@ -1,0 +1,77 @@
+"""Krum and trimmed mean: selection / trimming behaviour and argument checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_jax as mtl
+
+
+def aggregate(tx, jac):
+    chain = optax.chain(tx, mtl.sum_tasks())
+    out, _ = jax.jit(chain.update)(jac, chain.init(None))
+    return out
+
+
+def test_krum_rejects_an_outlier_and_multi_krum_averages():
+    rng = np.random.default_rng(0)
+    honest = 1.0 + 0.05 * rng.normal(size=(4, 6))
+    jac = np.concatenate([honest, -50.0 * np.ones((1, 6))])
+    w = np.asarray(mtl.krum_weights(jnp.asarray(jac @ jac.T, jnp.float32), n_byzantine=1))
+    assert w[-1] == 0 and w.sum() == pytest.approx(1.0) and np.count_nonzero(w) == 1
+    # Numpy re-derivation of TorchJD's Krum scores (aggregation/_krum.py).
+    dist = np.linalg.norm(jac[:, None] - jac[None], axis=-1)
+    scores = np.sort(dist, axis=1)[:, 1 : 5 - 1 - 2 + 1].sum(1)
+    assert np.argmax(w) == np.argmin(scores)
+    w2 = np.asarray(mtl.krum_weights(jnp.asarray(jac @ jac.T), n_byzantine=1, n_selected=3))
+    np.testing.assert_allclose(np.sort(w2), [0, 0, 1 / 3, 1 / 3, 1 / 3], atol=1e-7)
+    assert w2[-1] == 0
+    d = aggregate(mtl.krum(n_byzantine=1, n_selected=3), jnp.asarray(jac, jnp.float32))
+    np.testing.assert_allclose(d, w2 @ jac, rtol=1e-5)
+
+
+def test_krum_checks():
+    with pytest.raises(ValueError, match="n_byzantine"):
+        mtl.krum(n_byzantine=-1)
+    with pytest.raises(ValueError, match="n_selected"):
+        mtl.krum(n_byzantine=0, n_selected=0)
+    with pytest.raises(ValueError, match="K >= n_byzantine \\+ 3"):
+        aggregate(mtl.krum(n_byzantine=1), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="n_selected"):
+        aggregate(mtl.krum(n_byzantine=0, n_selected=4), jnp.ones((3, 4)))
+
+
+@pytest.mark.parametrize("trim_number", [0, 1, 2])
+def test_trimmed_mean_matches_numpy(trim_number):
+    rng = np.random.default_rng(1)
+    jac = {"a": rng.normal(size=(5, 3, 2)).astype(np.float32), "b": rng.normal(size=(5, 4))}
+    jac["a"][:, 0, 0] = [1.0, 1.0, 1.0, 7.0, -7.0]  # ties
+    jac = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jac)
+    tx = mtl.trimmed_mean(trim_number)
+    out, _ = jax.jit(tx.update)(jac, tx.init(None))
+    for key in jac:
+        x = np.sort(np.asarray(jac[key]), axis=0)[trim_number : 5 - trim_number].mean(0)
+        np.testing.assert_allclose(np.asarray(out[key]).sum(0), x, rtol=1e-6, atol=1e-7)
+        # Each row keeps only its surviving values (no new values appear).
+        kept = np.asarray(out[key]) != 0
+        np.testing.assert_allclose(
+            np.asarray(out[key])[kept],
+            np.asarray(jac[key])[kept] / (5 - 2 * trim_number),
+            rtol=1e-6,
+        )
+
+
+def test_trimmed_mean_checks_and_permutation_invariance():
+    with pytest.raises(ValueError, match="trim_number"):
+        mtl.trimmed_mean(-1)
+    with pytest.raises(ValueError, match="2 \\* trim_number \\+ 1"):
+        aggregate(mtl.trimmed_mean(2), jnp.ones((4, 3)))
+    rng = np.random.default_rng(2)
+    jac = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)
+    d = aggregate(mtl.trimmed_mean(2), jac)
+    perm = rng.permutation(6)
+    np.testing.assert_allclose(aggregate(mtl.trimmed_mean(2), jac[perm]), d, rtol=1e-6)
