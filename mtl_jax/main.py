@@ -22,7 +22,26 @@ def main(argv):
     from mtl_jax import train  # after flag parsing: keeps `--help` fast
 
     logging.info("Config:\n%s", flags.FLAGS.config)
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    _print_results(flags.FLAGS.config, flags.FLAGS.workdir, results)
+
+
+def _print_results(config, workdir, results) -> None:
+    """Per-task results table on stdout (process 0)."""
+    import jax
+
+    from mtl_jax import metrics, tasks
+
+    if jax.process_index() != 0:
+        return
+    hib = tasks.higher_is_better(tasks.get_tasks(config.dataset))
+    print(
+        f"\n{config.dataset}: {results['steps']} steps, balancer "
+        f"{results['balancer'] or 'equal weighting'}; test metrics:\n"
+        f"{metrics.format_results_table(results, hib)}\n"
+        f"TensorBoard: tensorboard --logdir={workdir}   results: {workdir}/results.json",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

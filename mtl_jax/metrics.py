@@ -95,3 +95,39 @@ def mean_last(history: Sequence[Mapping[str, float]], n: int = 10) -> dict[str, 
     window = list(history)[-n:]
     keys = dict.fromkeys(k for entry in window for k in entry)
     return {k: float(np.mean([e[k] for e in window if k in e])) for k in keys}
+
+
+def format_results_table(
+    results: Mapping[str, object], higher_is_better: Mapping[str, bool] | None = None
+) -> str:
+    """Markdown table of a run's per-task metrics (``train.train_and_evaluate``'s return).
+
+    One row per ``'<task>/<metric>'``: the last evaluation, the average over the last
+    ``num_averaged`` evaluations, and the direction (``higher`` / ``lower`` is better) when
+    ``higher_is_better`` has it. ``delta_m`` gets its own row when the run computed it.
+
+    Example:
+      >>> print(format_results_table({"final": {"a/accuracy": 0.5}, "average": {"a/accuracy": 0.4},
+      ...                             "num_averaged": 2}, {"a/accuracy": True}))
+      | task | metric | final | mean of last 2 | better |
+      |---|---|---|---|---|
+      | a | accuracy | 0.5000 | 0.4000 | higher |
+    """
+    final = dict(results.get("final", {}))
+    average = dict(results.get("average", {}))
+    hib = higher_is_better or {}
+    n = results.get("num_averaged", 1)
+    lines = [
+        f"| task | metric | final | mean of last {n} | better |",
+        "|---|---|---|---|---|",
+    ]
+    keys = [k for k in final if k != "delta_m"] + (["delta_m"] if "delta_m" in final else [])
+    for key in keys:
+        task, _, metric = key.rpartition("/")
+        better = {True: "higher", False: "lower"}.get(hib.get(key), "")
+        if key == "delta_m":
+            task, metric, better = "all", "delta_m %", "lower"
+        avg = average.get(key)
+        avg_text = f"{avg:.4f}" if isinstance(avg, int | float) else ""
+        lines.append(f"| {task} | {metric} | {float(final[key]):.4f} | {avg_text} | {better} |")
+    return "\n".join(lines)

@@ -281,6 +281,150 @@ def normal_metric_compute(acc) -> dict[str, float]:
     }
 
 
+# -- per-example classification and regression (embedded datasets) -------------------------
+
+
+def _check_vector(task: str, pred: jax.Array, target: jax.Array, channels: int) -> None:
+    if pred.ndim != 2 or pred.shape[0] != target.shape[0] or pred.shape[-1] != channels:
+        raise ValueError(
+            f"Task {task!r}: prediction shape {pred.shape} does not match target "
+            f"{target.shape}; expected [B, {channels}]."
+        )
+
+
+def classification_loss(
+    pred: jax.Array, batch: Batch, *, target_key: str, num_classes: int
+) -> jax.Array:
+    """Cross-entropy of logits ``pred`` [B, C] against integer labels ``batch[target_key]``
+    [B], averaged over the examples of ``batch['mask']`` (``torch.nn.CrossEntropyLoss``)."""
+    labels = jnp.asarray(batch[target_key]).astype(jnp.int32)
+    _check_vector(target_key, pred, labels, num_classes)
+    valid = _example_mask(batch, labels.shape)
+    logp = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.clip(labels, 0, num_classes - 1)[:, None], axis=-1)
+    return _safe_div(jnp.sum(jnp.where(valid, nll[:, 0], 0.0)), jnp.sum(valid))
+
+
+def classification_metric_init() -> dict[str, jax.Array]:
+    return {
+        "correct": jnp.zeros((), jnp.int32),
+        "nll_sum": jnp.zeros((), jnp.float32),
+        "count": jnp.zeros((), jnp.int32),
+    }
+
+
+def classification_metric_update(acc, pred: jax.Array, batch: Batch, *, target_key: str):
+    """Adds the batch's correct argmax predictions and cross-entropy sum (masked examples)."""
+    labels = jnp.asarray(batch[target_key]).astype(jnp.int32)
+    valid = _example_mask(batch, labels.shape)
+    logp = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.clip(labels, 0, pred.shape[-1] - 1)[:, None], -1)
+    correct = valid & (jnp.argmax(pred, axis=-1).astype(jnp.int32) == labels)
+    return {
+        "correct": acc["correct"] + jnp.sum(correct, dtype=jnp.int32),
+        "nll_sum": acc["nll_sum"] + jnp.sum(jnp.where(valid, nll[:, 0], 0.0)),
+        "count": acc["count"] + jnp.sum(valid, dtype=jnp.int32),
+    }
+
+
+def classification_metric_compute(acc) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over the split."""
+    acc = jax.device_get(acc)
+    count = int(acc["count"])
+    if count == 0:
+        return {"accuracy": float("nan"), "ce": float("nan")}
+    return {"accuracy": int(acc["correct"]) / count, "ce": float(acc["nll_sum"]) / count}
+
+
+def regression_loss(pred: jax.Array, batch: Batch, *, target_key: str) -> jax.Array:
+    """Mean squared error of ``pred`` [B, D] against ``batch[target_key]`` [B, D], averaged over
+    the masked examples and the D outputs (``torch.nn.MSELoss``)."""
+    target = jnp.asarray(batch[target_key]).astype(jnp.float32)
+    _check_vector(target_key, pred, target, target.shape[-1])
+    valid = _example_mask(batch, target.shape)
+    err = jnp.where(valid, jnp.square(pred.astype(jnp.float32) - target), 0.0)
+    return _safe_div(jnp.sum(err), jnp.sum(valid))
+
+
+def regression_metric_init() -> dict[str, jax.Array]:
+    return {
+        "abs_sum": jnp.zeros((), jnp.float32),
+        "sq_sum": jnp.zeros((), jnp.float32),
+        "count": jnp.zeros((), jnp.int32),
+    }
+
+
+def regression_metric_update(acc, pred: jax.Array, batch: Batch, *, target_key: str):
+    """Adds the batch's absolute and squared errors (masked examples)."""
+    target = jnp.asarray(batch[target_key]).astype(jnp.float32)
+    valid = _example_mask(batch, target.shape)
+    err = pred.astype(jnp.float32) - target
+    return {
+        "abs_sum": acc["abs_sum"] + jnp.sum(jnp.where(valid, jnp.abs(err), 0.0)),
+        "sq_sum": acc["sq_sum"] + jnp.sum(jnp.where(valid, jnp.square(err), 0.0)),
+        "count": acc["count"] + jnp.sum(valid, dtype=jnp.int32),
+    }
+
+
+def regression_metric_compute(acc, *, unit_scale: float | None = None, unit: str = ""):
+    """MAE and RMSE over the split (in target units), and ``mae_<unit>``, ``rmse_<unit>`` =
+    ``unit_scale`` times them when the target is standardized (e.g. grams)."""
+    acc = jax.device_get(acc)
+    count = int(acc["count"])
+    mae = float(acc["abs_sum"]) / count if count else float("nan")
+    rmse = float(np.sqrt(float(acc["sq_sum"]) / count)) if count else float("nan")
+    out = {"mae": mae, "rmse": rmse}
+    if unit_scale is not None:
+        out[f"mae_{unit}"] = mae * unit_scale
+        out[f"rmse_{unit}"] = rmse * unit_scale
+    return out
+
+
+def classification_task(name: str, num_classes: int, target_key: str | None = None) -> Task:
+    """Per-example classification: logits [B, C], CE loss, accuracy and CE metrics."""
+    key = target_key or name
+    return Task(
+        name=name,
+        target_key=key,
+        out_channels=num_classes,
+        loss=functools.partial(classification_loss, target_key=key, num_classes=num_classes),
+        metric_init=classification_metric_init,
+        metric_update=functools.partial(classification_metric_update, target_key=key),
+        metric_compute=classification_metric_compute,
+        higher_is_better={"accuracy": True, "ce": False},
+    )
+
+
+def regression_task(
+    name: str,
+    out_channels: int = 1,
+    target_key: str | None = None,
+    *,
+    unit_scale: float | None = None,
+    unit: str = "",
+) -> Task:
+    """Per-example regression: prediction [B, D], MSE loss, MAE / RMSE metrics (also times
+    ``unit_scale``, named with ``unit``, when the target is standardized)."""
+    key = target_key or name
+    better = {"mae": False, "rmse": False}
+    if unit_scale is not None:
+        if not unit:
+            raise ValueError("regression_task: unit_scale needs a unit name.")
+        better.update({f"mae_{unit}": False, f"rmse_{unit}": False})
+    return Task(
+        name=name,
+        target_key=key,
+        out_channels=out_channels,
+        loss=functools.partial(regression_loss, target_key=key),
+        metric_init=regression_metric_init,
+        metric_update=functools.partial(regression_metric_update, target_key=key),
+        metric_compute=functools.partial(
+            regression_metric_compute, unit_scale=unit_scale, unit=unit
+        ),
+        higher_is_better=better,
+    )
+
+
 # -- task sets ------------------------------------------------------------------------------
 
 
@@ -348,7 +492,21 @@ def get_tasks(dataset: str) -> tuple[Task, ...]:
         return (segmentation_task(7), depth_task())
     if dataset == "cityscapes19":
         return (segmentation_task(19), depth_task())
-    raise ValueError(f"Unknown dataset {dataset!r}; valid names: nyuv2, cityscapes, cityscapes19.")
+    if dataset == "multidigits":
+        return (classification_task("left", 10), classification_task("right", 10))
+    if dataset == "penguins":
+        from mtl_jax.data import embedded  # reads the shipped CSV (no TensorFlow)
+
+        _, std_g = embedded.penguins_body_mass_stats()
+        return (
+            classification_task("species", 3),
+            classification_task("sex", 2),
+            regression_task("body_mass", unit_scale=std_g, unit="g"),
+        )
+    raise ValueError(
+        f"Unknown dataset {dataset!r}; valid names: nyuv2, cityscapes, cityscapes19, "
+        "multidigits, penguins."
+    )
 
 
 # -- helpers over a task tuple --------------------------------------------------------------

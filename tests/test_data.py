@@ -50,7 +50,7 @@ def _loader(root, split="train", **kw):
 
 
 def test_dataset_info():
-    assert data.DATASETS == ("nyuv2", "cityscapes", "cityscapes19")
+    assert data.DATASETS == ("nyuv2", "cityscapes", "cityscapes19", "multidigits", "penguins")
     info = data.dataset_info("nyuv2")
     assert info.tasks == tuple(t.name for t in tasks.get_tasks("nyuv2"))
     assert info.input_shape == (288, 384, 3)

@@ -35,23 +35,28 @@ class DatasetInfo:
       splits: expected number of examples per split in the full dataset.
       train_split: split used for training.
       eval_split: split the papers report (their "test" numbers come from it).
-      instructions: how to obtain the data and the expected on-disk layout.
+      instructions: how to obtain the data and the expected on-disk layout (for the embedded
+        datasets: where the data comes from).
+      input_key: batch key of the model input.
+      embedded: True when the data ships with the install (no ``data_dir`` needed).
     """
 
     name: str
     tasks: tuple[str, ...]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     splits: dict[str, int]
     train_split: str
     eval_split: str
     instructions: str
+    input_key: str = "image"
+    embedded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One per-example file: ``ROOT/<split>/<folder>/<i>.npy`` -> batch key ``key``."""
 
-    key: str  # batch key ('image', 'segmentation', 'depth', 'normal')
+    key: str  # batch key ('image', 'segmentation', 'depth', 'normal', ...)
     folder: str  # folder name on disk
     shape: tuple[int, ...]
     num_classes: int | None = None  # labels only: values in {-1, 0, ..., num_classes - 1}
@@ -147,6 +152,60 @@ LAYOUTS: dict[str, Layout] = {
     "cityscapes": _cityscapes_layout("cityscapes", 7, "label_7", ("label",)),
     "cityscapes19": _cityscapes_layout("cityscapes19", 19, "label_19", ()),
 }
+
+_MULTIDIGITS_INSTRUCTIONS = """\
+MultiDigits: the MultiMNIST construction (Sener & Koltun, NeurIPS 2018) on the 1,797 real 8x8
+digits bundled with scikit-learn (UCI Optical Recognition of Handwritten Digits). Nothing to
+download: it is generated from `sklearn.datasets.load_digits` (scikit-learn is in the [data]
+extra). 8x12 canvas, left digit at columns 0..7, right digit at 4..11, overlapping by max; tasks
+`left` and `right` (10 classes each); 10,000 train / 2,000 test pairs drawn from disjoint source
+digits (1,437 / 360), fixed seed. See mtl_jax/data/embedded.py."""
+
+_PENGUINS_INSTRUCTIONS = """\
+Palmer penguins (Gorman, Williams & Fraser, PLoS ONE 2014; CC0), shipped with mtl_jax in
+mtl_jax/third_party/palmerpenguins/ (see PROVENANCE.md). Nothing to download. Inputs: bill length,
+bill depth, flipper length (standardized with train statistics); tasks: `species` (3 classes),
+`sex` (2 classes), `body_mass` (regression, standardized; metrics also in grams). The 333 complete
+rows are split 266 train / 67 test with a fixed seed. See mtl_jax/data/embedded.py."""
+
+LAYOUTS["multidigits"] = Layout(
+    info=DatasetInfo(
+        name="multidigits",
+        tasks=("left", "right"),
+        input_shape=(8, 12, 1),
+        splits={"train": 10_000, "test": 2_000},
+        train_split="train",
+        eval_split="test",
+        instructions=_MULTIDIGITS_INSTRUCTIONS,
+        embedded=True,
+    ),
+    fields=(
+        Field("image", "image", (8, 12, 1)),
+        Field("left", "left", (), num_classes=10),
+        Field("right", "right", (), num_classes=10),
+    ),
+    tfds_name="mtl_jax_multidigits",
+)
+LAYOUTS["penguins"] = Layout(
+    info=DatasetInfo(
+        name="penguins",
+        tasks=("species", "sex", "body_mass"),
+        input_shape=(3,),
+        splits={"train": 266, "test": 67},
+        train_split="train",
+        eval_split="test",
+        instructions=_PENGUINS_INSTRUCTIONS,
+        input_key="features",
+        embedded=True,
+    ),
+    fields=(
+        Field("features", "features", (3,)),
+        Field("species", "species", (), num_classes=3),
+        Field("sex", "sex", (), num_classes=2),
+        Field("body_mass", "body_mass", (1,)),
+    ),
+    tfds_name="mtl_jax_penguins",
+)
 
 DATASETS: tuple[str, ...] = tuple(LAYOUTS)
 

@@ -9,6 +9,8 @@
 * ``'segnet_mtan'``: MTAN (SegNet + per-task attention), the NYUv2/Cityscapes benchmark model of
   MTAN, CAGrad, Nash-MTL and FAMO.
 * ``'resnet_deeplab'``: dilated ResNet-18/34/50/101 shared + DeepLab ASPP head per task (LibMTL).
+* ``'mlp'``, ``'convnet'``: small shared trunks + per-task heads for the embedded per-example
+  datasets (MultiDigits, Penguins); their outputs are ``[B, out_channels]`` (`mlp.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax
 from flax import nnx
 
 from mtl_jax.models.layers import finalize_prediction
+from mtl_jax.models.mlp import MLP, ConvNet
 from mtl_jax.models.resnet import DeepLabHead, DilatedResNet, ResNetDeepLab
 from mtl_jax.models.segnet import SegNet, SegNetMTAN
 
@@ -27,6 +30,8 @@ MODELS: dict[str, type[nnx.Module]] = {
     "segnet": SegNet,
     "segnet_mtan": SegNetMTAN,
     "resnet_deeplab": ResNetDeepLab,
+    "mlp": MLP,  # embedded datasets (mtl_jax/models/mlp.py): per-example heads [B, out]
+    "convnet": ConvNet,
 }
 
 
@@ -57,7 +62,9 @@ def param_labels(model: nnx.Module, params: Any) -> Any:
 
 
 __all__ = [
+    "MLP",
     "MODELS",
+    "ConvNet",
     "DeepLabHead",
     "DilatedResNet",
     "ResNetDeepLab",
