@@ -37,19 +37,20 @@ def solve_power_balance(
     minimizer exists: it does not when a non-negative combination of the task gradients is
     zero, e.g. two opposite gradients). The solve runs on ``G / s`` (``s`` the mean of the
     diagonal) and rescales ``x`` by ``s^(-1/(1+power))``; Newton steps keep ``x > 0``
-    (fraction to the boundary) and decrease ``h`` (Armijo backtracking).
+    (fraction to the boundary) and decrease ``h`` (Armijo backtracking) or, near the
+    solution, the gradient norm.
 
     Args:
       gramian: [K, K] Gramian.
       power: the exponent ``p > 0`` (1 for Nash-MTL, ``1/alpha`` for FairGrad).
       init: optional positive warm start, in the original scale.
       max_iter: Newton iteration budget.
-      tol: convergence tolerance on the relative residual
-        ``||G x - x^-p|| / ||x^-p||`` (of the normalized problem).
+      tol: convergence tolerance on the elementwise relative residual
+        ``max_i |(G x)_i - x_i^-p| / x_i^-p`` (scale free).
 
     Returns:
       ``(x, converged)``: x is [K] (float32 or wider), ``converged`` a bool scalar: finite
-      and residual below ``max(tol, 1e-4)``. When not converged, x is undefined: use a fallback.
+      and residual below ``max(tol, 1e-3)``. When not converged, x is undefined: use a fallback.
     """
     k = gramian.shape[0]
     dtype = jnp.result_type(gramian.dtype, jnp.float32)
@@ -72,7 +73,7 @@ def solve_power_balance(
 
     def residual(x):
         target = x ** (-power)
-        return jnp.linalg.norm(g @ x - target) / jnp.maximum(jnp.linalg.norm(target), 1e-30)
+        return jnp.max(jnp.abs(g @ x - target) / jnp.maximum(target, 1e-30))
 
     def cond(carry):
         it, _, res = carry
@@ -87,10 +88,19 @@ def solve_power_balance(
         ratio = jnp.where(dx < 0, -x / jnp.where(dx < 0, dx, -1.0), jnp.inf)
         t0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))
         h0, slope = h(x), grad @ dx
+        gnorm = jnp.linalg.norm(grad)
+
+        def accept(t):
+            # Armijo on h, or (near the solution, where float32 cannot resolve changes of h)
+            # a decrease of the gradient norm.
+            x_t = x + t * dx
+            armijo = h(x_t) <= h0 + 1e-4 * t * slope
+            g_t = jnp.linalg.norm(g @ x_t - x_t ** (-power))
+            return jnp.all(x_t > 0) & (armijo | (g_t <= (1.0 - 1e-4 * t) * gnorm))
 
         def ls_cond(c):
             j, t = c
-            return (j < 40) & ~(h(x + t * dx) <= h0 + 1e-4 * t * slope)
+            return (j < 40) & ~accept(t)
 
         _, t = jax.lax.while_loop(ls_cond, lambda c: (c[0] + 1, 0.5 * c[1]), (0, t0))
         x_new = x + t * dx
@@ -99,7 +109,7 @@ def solve_power_balance(
 
     _, x, res = jax.lax.while_loop(cond, body, (0, x0, residual(x0)))
     x = x * unscale
-    converged = good_scale & jnp.isfinite(res) & (res <= max(tol, 1e-4)) & jnp.all(jnp.isfinite(x))
+    converged = good_scale & jnp.isfinite(res) & (res <= max(tol, 1e-3)) & jnp.all(jnp.isfinite(x))
     return x, converged
 
 
