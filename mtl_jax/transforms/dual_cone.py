@@ -121,7 +121,10 @@ def upgrad(
 
     Returns ``diag(w) J`` with `upgrad_weights`, so ``optax.chain(mtl.upgrad(), mtl.sum_tasks())``
     gives TorchJD's ``UPGrad()(J)``. The update never conflicts with any task (``J d >= 0``),
-    is permutation-equivariant and (up to ``reg_eps``) linear under scaling of the rows.
+    is permutation-equivariant and (up to ``reg_eps``) linear under scaling of the rows. As in
+    TorchJD, ``reg_eps`` is relative to ``|J|_F^2``: a task whose squared gradient norm is
+    below ~``reg_eps * |J|_F^2`` can see a tiny conflict; pass ``reg_eps=0`` for exact
+    non-conflict when ``J`` has full row rank.
 
     Args:
       pref_vector: [K] weights of the projected rows (default ``1/K``: TorchJD's default).
