@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "convnet"
     c.model.input_shape = (8, 12, 1)
-    c.model.channels = (16, 32)
+    c.model.channels = (32, 64)
     c.model.hidden = 128
     c.model.head_hidden = (64,)
     c.model.dropout = 0.0
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.batch_size = 256
     c.eval_batch_size = 500
-    c.num_epochs = 8
+    c.num_epochs = 10
     c.steps_per_epoch = -1  # -1: one pass over the 10,000 training pairs (39 steps)
     c.num_train_steps = -1
     c.eval_steps = -1
