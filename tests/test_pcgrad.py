@@ -157,3 +157,23 @@ def test_gradvac_checks_num_tasks():
     tx = mtl.gradvac(num_tasks=3)
     with pytest.raises(ValueError, match="num_tasks=3"):
         tx.update(jnp.ones((2, 4)), tx.init(None))
+
+
+def test_composes_after_a_loss_weighting_in_one_chain():
+    """The issue's headline chain: a loss weighting, then PCGrad, reduce, optimizer."""
+    rng = np.random.default_rng(8)
+    params = {"w": jnp.zeros((4,))}
+    jac = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    losses = jnp.array([1.0, 2.0, 0.5])
+    tx = optax.chain(mtl.uncertainty_weighting(3), mtl.pcgrad(), mtl.sum_tasks(), optax.adam(1e-3))
+    state = tx.init(params)
+    upd, state = jax.jit(tx.update)(jac, state, params, task_losses=losses)
+    assert upd["w"].shape == (4,) and bool(jnp.all(jnp.isfinite(upd["w"])))
+    # Without the loss weighting the PCGrad rows differ only by the row scaling it applied.
+    lw, _ = mtl.uncertainty_weighting(3).update(
+        jac, mtl.uncertainty_weighting(3).init(params), params, task_losses=losses
+    )
+    pc, _ = mtl.pcgrad().update(lw, mtl.pcgrad().init(params), params)
+    chain2 = optax.chain(mtl.uncertainty_weighting(3), mtl.pcgrad())
+    out2, _ = chain2.update(jac, chain2.init(params), params, task_losses=losses)
+    np.testing.assert_allclose(out2["w"], pc["w"], rtol=1e-5, atol=1e-7)
