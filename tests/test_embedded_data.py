@@ -238,8 +238,11 @@ def test_quickstart_config_runs_shortened(config_file, cache, tmp_path, monkeypa
     config = _load_config(config_file, "smoke")
     assert config.dataset == full.dataset and config.model == full.model
     config.num_epochs, config.steps_per_epoch, config.eval_steps = 1, 2, 1
+    if config.dataset == "penguins":  # per-example [B, C] outputs through the Jacobian path too
+        config.balancer = "mgda"
     results = train.train_and_evaluate(config, str(tmp_path))
     assert results["steps"] == 2 and len(results["history"]) == 1
+    assert results["balancer"] == ([{"name": "mgda"}] if config.balancer else [])
     names = tasks.get_tasks(config.dataset)
     final = results["final"]
     for t in names:
