@@ -12,6 +12,11 @@ errors and the normal angles)::
     accs = jax.jit(partial(update_metrics, tasks))(accs, preds, batch)   # per eval batch
     results = compute_metrics(tasks, accs)             # {'segmentation/mIoU': ..., ...}
 
+The embedded datasets (``multidigits``, ``penguins``) have per-example tasks: `classification_task`
+(logits [B, C]; cross-entropy loss; accuracy and mean cross-entropy) and `regression_task`
+([B, D]; MSE loss; MAE and RMSE, also in original units such as grams for a standardized
+target).
+
 Every loss and metric update honours ``batch['mask']`` ([B] bool, False for padding examples),
 when present.
 
@@ -58,7 +63,8 @@ class Task:
       name: task name, also the key of its prediction in the model output.
       target_key: batch key of the ground truth.
       out_channels: channels of the prediction head (classes for segmentation).
-      loss: ``loss(pred, batch) -> scalar`` (jit-safe; ``pred`` [B, H, W, out_channels]).
+      loss: ``loss(pred, batch) -> scalar`` (jit-safe; ``pred`` [B, H, W, out_channels] for the
+        dense tasks, [B, out_channels] for the per-example tasks of the embedded datasets).
       metric_init: ``() -> acc``, a pytree of zero sums.
       metric_update: ``(acc, pred, batch) -> acc`` (jit-safe; honours ``batch['mask']``).
       metric_compute: ``acc -> {metric: float}`` (host side, after the split).
