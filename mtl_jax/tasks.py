@@ -102,8 +102,15 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 def _normalize(x: jax.Array) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.where(norm > 0, norm, 1.0)
+    """Unit vectors along the last axis; a zero vector stays zero, with a finite gradient.
+
+    (``sqrt`` at 0 has an infinite derivative that an outer ``where`` does not stop: the
+    "double where" keeps the unselected branch's input finite, so its gradient is too.)
+    """
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    positive = sq > 0
+    safe = jnp.where(positive, sq, 1.0)
+    return jnp.where(positive, x * jax.lax.rsqrt(safe), 0.0)
 
 
 # -- segmentation ---------------------------------------------------------------------------

@@ -295,3 +295,21 @@ def test_against_libmtl_torch_formulas():
     normal = 1 - torch.sum((npred * ngt) * m) / torch.nonzero(m, as_tuple=False).size(0)
     ours_losses = np.asarray(tasks.task_losses(NYU, preds, batch))
     np.testing.assert_allclose(ours_losses, [seg.item(), depth.item(), normal.item()], rtol=1e-5)
+
+
+def test_normal_loss_gradient_is_finite_at_zero_prediction():
+    """A predicted normal of exactly zero (e.g. ReLU features) must not give NaN gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtl_jax import tasks as tasks_lib
+
+    normal = next(t for t in tasks_lib.get_tasks("nyuv2") if t.name == "normal")
+    target = jnp.zeros((1, 2, 2, 3)).at[..., 2].set(1.0)
+    batch = {normal.target_key: target, "mask": jnp.ones((1,), bool)}
+    pred = jnp.zeros((1, 2, 2, 3)).at[0, 0, 0].set(jnp.array([0.0, 0.6, 0.8]))
+    grad = jax.grad(lambda p: normal.loss(p, batch))(pred)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    # Away from zero the loss is still 1 - cos: the non-zero pixel has cos 0.8.
+    np_loss = float(normal.loss(pred, batch))
+    assert abs(np_loss - (1 - 0.8 / 4)) < 1e-6
