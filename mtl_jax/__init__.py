@@ -8,7 +8,7 @@ Task-balancing methods (MGDA, PCGrad, CAGrad, Nash-MTL, UPGrad, uncertainty weig
     tx = optax.chain(mtl.upgrad(), mtl.sum_tasks(), optax.adam(1e-3))
 """
 
-from mtl_jax import solvers
+from mtl_jax import mixing, solvers
 from mtl_jax.jacobian import (
     STRATEGIES,
     auto_strategy,
@@ -22,7 +22,9 @@ from mtl_jax.jacobian import (
     weighted_sum,
 )
 from mtl_jax.registry import BALANCERS, JACOBIAN_METHODS, LOSS_METHODS, build_chain, get_balancer
+from mtl_jax.representation import RepresentationStep, representation_value_and_grad
 from mtl_jax.solvers import min_norm_simplex, project_simplex
+from mtl_jax.transforms.aligned import aligned_mtl, aligned_mtl_weights
 from mtl_jax.transforms.base import (
     gramian_weighting,
     label_by_path,
@@ -31,44 +33,27 @@ from mtl_jax.transforms.base import (
     shared_only,
     sum_tasks,
 )
-from mtl_jax.transforms.loss_base import (
-    LossWeighting,
-    from_loss_weighting,
-    weighted_value_and_grad,
-)
-
-# -- Jacobian-level methods (issue 4) --
-# part A (Gramian / QP methods checked against TorchJD)
-from mtl_jax.representation import RepresentationStep, representation_value_and_grad
-from mtl_jax.transforms.aligned import aligned_mtl, aligned_mtl_weights
-from mtl_jax.transforms.config import conflict_free, conflict_free_weights
-from mtl_jax.transforms.dual_cone import dualproj, dualproj_weights, upgrad, upgrad_weights
-from mtl_jax.transforms.imtl import imtl_g, imtl_g_weights
-from mtl_jax.transforms.mgda import mgda, mgda_weights
-from mtl_jax.transforms.robust import krum, krum_weights, trimmed_mean
-# part B (projection, stochastic and iterative-solver methods)
 from mtl_jax.transforms.cagrad import cagrad, cagrad_weights
+from mtl_jax.transforms.config import conflict_free, conflict_free_weights
+from mtl_jax.transforms.db_mtl import db_mtl, db_mtl_weighting
+from mtl_jax.transforms.dual_cone import dualproj, dualproj_weights, upgrad, upgrad_weights
+from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
 from mtl_jax.transforms.fairgrad import fairgrad, fairgrad_weights
-from mtl_jax.transforms.graddrop import graddrop
-from mtl_jax.transforms.nash_mtl import nash_mtl, nash_mtl_weights
-from mtl_jax.transforms.pcgrad import gradvac, pcgrad, pcgrad_weights
-from mtl_jax.transforms.stochastic import cross_gramian, moco, modo, sdmgrad
-# part C (seed methods: FULLER, sparse training, F-MTL, Rep-MTL)
+from mtl_jax.transforms.famo import famo, famo_weighting
 from mtl_jax.transforms.flat import f_mtl, f_mtl_value_and_jacobian
 from mtl_jax.transforms.fuller import fuller, fuller_task_weights
-from mtl_jax.transforms.rep_mtl import rep_mtl_loss, rep_mtl_regularizer
-from mtl_jax.transforms.sparse import sparse_training
-
-# -- loss-level methods (issue 5) --
-# part D (LibMTL loss-level methods)
-from mtl_jax.transforms.db_mtl import db_mtl, db_mtl_weighting
-from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
-from mtl_jax.transforms.famo import famo, famo_weighting
+from mtl_jax.transforms.graddrop import graddrop
 from mtl_jax.transforms.gradnorm import (
     gradnorm,
     gradnorm_value_and_grad,
     gradnorm_weighting,
     task_grad_norms,
+)
+from mtl_jax.transforms.imtl import imtl_g, imtl_g_weights
+from mtl_jax.transforms.loss_base import (
+    LossWeighting,
+    from_loss_weighting,
+    weighted_value_and_grad,
 )
 from mtl_jax.transforms.loss_weighting import (
     dwa,
@@ -84,8 +69,11 @@ from mtl_jax.transforms.loss_weighting import (
     uncertainty_weighting,
     uncertainty_weighting_weighting,
 )
-# part E (seed-paper loss-level methods, task schedules)
-from mtl_jax import mixing
+from mtl_jax.transforms.mgda import mgda, mgda_weights
+from mtl_jax.transforms.nash_mtl import nash_mtl, nash_mtl_weights
+from mtl_jax.transforms.pcgrad import gradvac, pcgrad, pcgrad_weights
+from mtl_jax.transforms.rep_mtl import rep_mtl_loss, rep_mtl_regularizer
+from mtl_jax.transforms.robust import krum, krum_weights, trimmed_mean
 from mtl_jax.transforms.schedules import task_schedule, task_schedule_weighting
 from mtl_jax.transforms.seed_loss import (
     adaptive_task_balancing,
@@ -104,6 +92,8 @@ from mtl_jax.transforms.seed_loss import (
     worst_task,
     worst_task_weighting,
 )
+from mtl_jax.transforms.sparse import sparse_training
+from mtl_jax.transforms.stochastic import cross_gramian, moco, modo, sdmgrad
 
 __version__ = "0.1.0"
 
@@ -178,6 +168,25 @@ __all__ = [
     "rep_mtl_regularizer",
     "sparse_training",
     # -- loss-level methods (issue 5) --
+    # part E
+    "adaptive_task_balancing",
+    "adaptive_task_balancing_weighting",
+    "adaptive_task_balancing_weights",
+    "coba",
+    "coba_weighting",
+    "igb",
+    "igb_weighting",
+    "inverse_variance",
+    "inverse_variance_weighting",
+    "log_class_scaling",
+    "log_class_scaling_weighting",
+    "median_normalize",
+    "median_normalize_weighting",
+    "mixing",
+    "task_schedule",
+    "task_schedule_weighting",
+    "worst_task",
+    "worst_task_weighting",
     # part D
     "db_mtl",
     "db_mtl_weighting",
@@ -201,23 +210,4 @@ __all__ = [
     "task_grad_norms",
     "uncertainty_weighting",
     "uncertainty_weighting_weighting",
-    # part E
-    "adaptive_task_balancing",
-    "adaptive_task_balancing_weighting",
-    "adaptive_task_balancing_weights",
-    "coba",
-    "coba_weighting",
-    "igb",
-    "igb_weighting",
-    "inverse_variance",
-    "inverse_variance_weighting",
-    "log_class_scaling",
-    "log_class_scaling_weighting",
-    "median_normalize",
-    "median_normalize_weighting",
-    "mixing",
-    "task_schedule",
-    "task_schedule_weighting",
-    "worst_task",
-    "worst_task_weighting",
 ]
