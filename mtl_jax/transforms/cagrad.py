@@ -120,7 +120,8 @@ def cagrad_weights(
     Solves the dual of CAGrad over the simplex,
     ``min_w  w^T G 1/K + c ||g0|| sqrt(w^T G w)`` (``g0`` the mean gradient), on the
     trace-normalized Gramian, by projected gradient with backtracking (``max_iter`` steps)
-    followed by a primal active-set refinement (exact KKT solves on supports, at most 3K). The weights are
+    followed by a primal active-set refinement (exact KKT solves on supports, at most 3K).
+    The weights are
     ``1/K + c ||g0|| / ||g_w|| * w``: ``d = g0 + c ||g0|| g_w / ||g_w||``.
 
     Args:
