@@ -62,7 +62,7 @@ def run(tasks: list[int], methods: list[str], repeats: int) -> dict:
             else:
                 tx = optax.chain(build(name, k), mtl.sum_tasks())
 
-            def call(j, tx=tx):
+            def call(j, tx=tx, name=name):
                 state = tx.init(jax.tree.map(lambda x: x[0], j))
                 extra = EXTRA_UPDATE_ARGS[name](k, 0) if name in EXTRA_UPDATE_ARGS else {}
                 return tx.update(j, state, None, task_losses=losses, **extra)[0]
