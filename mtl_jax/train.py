@@ -15,7 +15,10 @@ per-task metrics and delta_m are written to TensorBoard and the log, and an orba
 (parameters, batch statistics, optimizer and balancer state, data iterator position, eval
 history) is saved in ``workdir/checkpoints``; running the same command again resumes from the
 latest one. ``workdir/results.json`` holds the final metrics, the average over the last
-``config.num_average_epochs`` evaluations (as the papers report) and the per-epoch history.
+``config.num_average_epochs`` evaluations (as the papers report), the per-epoch history and the
+training log (``train_log``: every ``config.log_every_steps`` steps, the mean task losses,
+effective task weights, pairwise task-gradient cosines (Jacobian path) and seconds per step,
+evaluation time excluded).
 
 Data parallel over all local devices: a 1-D `jax.sharding.Mesh` with axis ``'data'``; the
 batch is sharded on it and everything else is replicated (BatchNorm statistics are those of
@@ -575,9 +578,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr = _checkpoint_manager(workdir, config)
     state, meta = _restore(mngr, state)
     history: list[dict[str, float]] = []
+    train_log: list[dict[str, Any]] = []
     if meta is not None:
         train_loader.set_state(meta["loader"])
         history = list(meta["history"])
+        train_log = list(meta.get("train_log", []))
         logging.info("Resumed from step %d in %s.", int(state["step"]), workdir)
     step = int(jax.device_get(state["step"]))
 
@@ -610,7 +615,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return metrics
 
     def checkpoint():
-        _save(mngr, state, {"loader": train_loader.get_state(), "history": history, "step": step})
+        loader_state = train_loader.get_state()
+        _save(
+            mngr,
+            state,
+            {"loader": loader_state, "history": history, "train_log": train_log, "step": step},
+        )
 
     buffer: list[dict[str, jax.Array]] = []
     t_log, steps_logged = time.time(), 0
@@ -635,11 +645,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for i, name in enumerate(names):
                 scalars[f"train/loss/{name}"] = losses[i]
                 scalars[f"train/weight/{name}"] = weights[i]
+            entry = {"step": step, "step_time_s": dt, "losses": losses.tolist()}
+            entry["weights"] = weights.tolist()
             if "cos" in outs[0]:
                 cos = np.mean([o["cos"] for o in outs], axis=0)
+                entry["cos"] = cos.tolist()
                 for i in range(len(names)):
                     for j in range(i + 1, len(names)):
                         scalars[f"train/cos/{names[i]}-{names[j]}"] = cos[i, j]
+            train_log.append(entry)
             writer.write_scalars(step, scalars)
             rate = (time.time() - t_start) / max(step - step_start, 1)
             logging.info(
@@ -653,12 +667,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if end_of_epoch:
+            t_eval = time.time()
             done_epoch = (step - 1) // steps_per_epoch + 1
             if done_epoch % eval_every == 0 or step == total_steps:
                 evaluate(done_epoch)
             if done_epoch % ckpt_every == 0 or step == total_steps:
                 checkpoint()
             writer.flush()
+            t_log += time.time() - t_eval  # train/step_time_s counts training steps only
 
     if not history or history[-1]["step"] != step:
         evaluate(math.ceil(step / steps_per_epoch))
@@ -675,6 +691,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ),
         "num_averaged": len(history[-n_avg:]),
         "history": history,
+        "train_log": train_log,
         "baseline": baseline,
         "config": json.loads(config.to_json_best_effort()),
     }

@@ -268,6 +268,12 @@ def test_train_and_evaluate_checkpoints_and_resumes_exactly(cityscapes_dir, tmp_
     assert res["num_averaged"] == 2
     mean = np.mean([h["depth/abs_err"] for h in res["history"]])
     assert res["average"]["depth/abs_err"] == pytest.approx(mean)
+    # train_log: one entry per logged step (log_every_steps=1), kept across the resume.
+    assert [e["step"] for e in res["train_log"]] == [1, 2, 3, 4]
+    for e in res["train_log"]:
+        assert len(e["losses"]) == len(e["weights"]) == 2 and e["step_time_s"] > 0
+        cos = np.asarray(e["cos"])
+        assert cos.shape == (2, 2) and np.allclose(np.diag(cos), 1.0, atol=1e-4)
     # TensorBoard scalars: per-task losses, weights, cosines, step time, eval metrics.
     from tensorboard.backend.event_processing import event_accumulator
 
