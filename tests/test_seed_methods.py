@@ -489,3 +489,30 @@ def test_rep_mtl_validates():
         mtl.rep_mtl_loss(
             lambda z: jnp.stack([z.sum(), z.mean()]), jnp.ones((3, 2)), tsr_weight=-1.0
         )
+
+
+def test_mask_arguments_accept_a_path_regex():
+    # The form a config string can carry: a regex searched in each leaf's path.
+    rng = np.random.default_rng(7)
+    params, jac, last, modality = _fuller_setup(rng)
+    labels = {"cam": "shared", "lidar": "shared", "fuse": "shared"}
+    by_tree = mtl.shared_only(mtl.fuller(last_shared_layer=last, modality_labels=modality), labels)
+    by_regex = mtl.shared_only(
+        mtl.fuller(last_shared_layer="fuse", modality_labels=modality), labels
+    )
+    out_tree, _ = by_tree.update(jac, by_tree.init(params), params)
+    out_regex, _ = by_regex.update(jac, by_regex.init(params), params)
+    for name in out_tree:
+        np.testing.assert_array_equal(out_tree[name], out_regex[name])
+    sparse = mtl.sparse_training(sparsity=0.5, param_mask="cam|lidar")
+    out, _ = sparse.update(jac, sparse.init(params), params)
+    np.testing.assert_array_equal(out["fuse"], jac["fuse"])  # not selected: left dense
+    assert np.mean(np.asarray(out["cam"]) == 0) > 0.2
+    with pytest.raises(ValueError, match="matches none of the parameter paths.*'cam'"):
+        bad = mtl.fuller(last_shared_layer="encoder")
+        bad.update(jac, bad.init(params), params)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        bad = mtl.fuller(last_shared_layer="(")
+        bad.update(jac, bad.init(params), params)
+    with pytest.raises(ValueError, match="modality_labels needs one label per leaf"):
+        mtl.fuller(modality_labels="cam")

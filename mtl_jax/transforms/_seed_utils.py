@@ -7,6 +7,7 @@ and still work inside ``optax.partition`` / `mtl.shared_only`, where the updates
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,9 @@ def aligned_leaves(
 
     Args:
       spec: a pytree with the structure of the parameters, a function of the parameters
-        returning one, or None (every leaf gets ``default``).
+        returning one, a string (a regular expression searched in each leaf's path as written
+        by ``jax.tree_util.keystr``, e.g. ``"encoder.*fc"``: True where it matches, False
+        elsewhere; the form a config string can carry), or None (every leaf gets ``default``).
       updates: the Jacobian pytree the transform received (may contain ``MaskedNode``).
       params: the parameters passed to the update (a callable ``spec`` is called on them; on
         one Jacobian row's shapes when they are not given).
@@ -53,6 +56,20 @@ def aligned_leaves(
     leaves, treedef = flatten(updates)
     if spec is None:
         return [default] * len(leaves)
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{name}={spec!r} is not a valid regular expression: {e}.") from None
+        paths = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_masked)[0]
+        flags = [bool(pattern.search(jax.tree_util.keystr(p))) for p, _ in paths]
+        if not any(flags):
+            shown = ", ".join(jax.tree_util.keystr(p) for p, _ in paths[:8])
+            raise ValueError(
+                f"{name}={spec!r} matches none of the parameter paths (e.g. {shown}); "
+                "write a regular expression searched in these paths."
+            )
+        return flags
     if callable(spec):
         spec = spec(params if params is not None else row_shapes(updates))
     try:

@@ -47,6 +47,8 @@ def sum_tasks() -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
+        if not jax.tree.leaves(updates):  # an empty group of `shared_only` (a model w/o heads)
+            return updates, state
         k = jac_lib.num_tasks(updates, params)
         return _reduce(updates, jnp.ones((k,), jnp.float32)), state
 
@@ -72,6 +74,8 @@ def mean_tasks() -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
+        if not jax.tree.leaves(updates):  # an empty group of `shared_only` (a model w/o heads)
+            return updates, state
         k = jac_lib.num_tasks(updates, params)
         return _reduce(updates, jnp.full((k,), 1.0 / k, jnp.float32)), state
 

@@ -95,7 +95,8 @@ def fuller(
         the other layers to be exact (true of MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, UPGrad,
         ...; element-wise methods such as GradDrop are transferred by least squares).
       last_shared_layer: bools with the structure of the parameters (or a function of the
-        parameters returning them) flagging the last shared layer's leaves. None: all leaves
+        parameters returning them, or a regular expression searched in each leaf's path, e.g.
+        ``"fc"``) flagging the last shared layer's leaves. None: all leaves
         (the task calibration is then solved on the full Jacobian).
       modality_labels: a hashable label per leaf (structure of the parameters, or a function
         of the parameters), e.g. ``'camera'`` / ``'lidar'`` for the two branches and None for
@@ -132,6 +133,11 @@ def fuller(
       pluggable calibration as a K x K re-combination, and ``magnitude_target='mean'`` are
       mtl_jax choices documented here.
     """
+    if isinstance(modality_labels, str):
+        raise ValueError(
+            "fuller: modality_labels needs one label per leaf (a pytree or a function of the "
+            "parameters), not a string."
+        )
     if magnitude_target not in TARGETS:
         raise ValueError(
             f"fuller: magnitude_target must be one of {TARGETS}, got {magnitude_target!r}."

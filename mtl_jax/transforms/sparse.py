@@ -111,7 +111,8 @@ def sparse_training(
       score_steps: number of updates whose scores choose the first mask (>= 1).
       refresh_every: re-choose the mask every this many updates (None: fixed mask).
       param_mask: which parameters may be sparsified: a pytree of bools with the structure
-        of the parameters, or a function of the parameters returning one (None: all). Use it
+        of the parameters, a function of the parameters returning one, or a regular
+        expression searched in each leaf's path (None: all). Use it
         to keep the task heads dense when the transform sees all parameters; inside
         `mtl.shared_only` it already sees only the shared ones.
       seed: PRNG seed for ``score='random'``.
