@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.balancer = ""
     c.shared_only = True  # balance the shared parameters only; heads get their own gradients
     c.loss_only_path = True  # a lone loss-level method uses one backward pass
+    c.val_loss_split = ""  # split for methods needing validation losses (coba); "": eval
     c.jacobian_strategy = "auto"
     c.jacobian_chunk_size = ml_collections.FieldReference(None, field_type=int)
 

@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.balancer = ""  # '' = equal weighting; names: mtl_jax.BALANCERS
     c.shared_only = True
     c.loss_only_path = True
+    c.val_loss_split = ""  # split for methods needing validation losses (coba); "": eval
     c.jacobian_strategy = "auto"
     c.jacobian_chunk_size = ml_collections.FieldReference(None, field_type=int)
 

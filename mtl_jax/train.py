@@ -58,6 +58,14 @@ PyTree = Any
 # ----------------------------------------------------------------------------------------------
 
 
+# Methods whose update needs this step's per-task validation losses (``val_losses=[K]``): the
+# harness draws one batch of ``config.val_loss_split`` per step for them (`train_and_evaluate`).
+VAL_LOSS_METHODS = frozenset({"coba"})
+# Loss-level methods whose weights also need per-task gradient information (norms, excess risks
+# from the Jacobian): they take the Jacobian path, never the one-backward loss-only path.
+GRADIENT_LOSS_METHODS = frozenset({"gradnorm", "db_mtl", "excess_mtl"})
+
+
 def parse_balancer(spec: Any) -> list[dict[str, Any]]:
     """Normalizes ``config.balancer`` to a list of ``{'name': ..., **kwargs}`` specs.
 
@@ -151,6 +159,8 @@ def loss_weighting_for(specs: Sequence[Mapping[str, Any]], num_tasks: int):
     if not specs:
         return equal_weighting(num_tasks)
     if len(specs) != 1 or specs[0]["name"] not in mtl.LOSS_METHODS:
+        return None
+    if specs[0]["name"] in GRADIENT_LOSS_METHODS:
         return None
     factory = getattr(mtl, specs[0]["name"] + "_weighting", None)
     if factory is None:
@@ -295,6 +305,7 @@ class Trainer:
         self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         self.labels = models.param_labels(model, params)
         self.specs = parse_balancer(config.balancer)
+        self.needs_val_losses = any(s["name"] in VAL_LOSS_METHODS for s in self.specs)
         self.loss_weighting = (
             loss_weighting_for(self.specs, self.num_tasks)
             if config.get("loss_only_path", True)
@@ -351,12 +362,17 @@ class Trainer:
         labels = jax.tree.leaves(self.labels)
         return [x for x, lab in zip(leaves, labels, strict=True) if lab == "shared"]
 
-    def _train_step(self, state, batch, epoch):
+    def _train_step(self, state, batch, epoch, val_batch=None):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
         params = state["params"]
         k = self.num_tasks
         extra = {"step": step, "epoch": epoch}
+        if val_batch is not None:  # per-task validation losses for CoBa-like methods
+            preds, _ = self._forward(params, state["batch_stats"], val_batch, False)
+            extra["val_losses"] = jnp.stack(
+                [jnp.asarray(t.loss(preds[t.name], val_batch), jnp.float32) for t in self.tasks]
+            )
         out = {}
         if self.loss_weighting is not None:
             fn = lambda p: self._losses(p, state["batch_stats"], batch, key)  # noqa: E731
@@ -546,6 +562,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         num_epochs=None,
         **loader_kw,
     )
+    val_loader = None
+    if any(s["name"] in VAL_LOSS_METHODS for s in parse_balancer(config.balancer)):
+        # One batch per step from the validation split (shuffled, repeated, its own seed).
+        val_loader = data_lib.make_loader(
+            dataset,
+            config.data_dir,
+            config.get("val_loss_split") or info.eval_split,
+            batch_size=config.batch_size // n_proc,
+            seed=config.seed + 1,
+            train=True,
+            num_epochs=None,
+            **loader_kw,
+        )
     steps_per_epoch = train_loader.steps_per_epoch
     if config.get("steps_per_epoch", -1) not in (-1, None):
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
@@ -582,6 +611,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_log: list[dict[str, Any]] = []
     if meta is not None:
         train_loader.set_state(meta["loader"])
+        if val_loader is not None and "val_loader" in meta:
+            val_loader.set_state(meta["val_loader"])
         history = list(meta["history"])
         train_log = list(meta.get("train_log", []))
         logging.info("Resumed from step %d in %s.", int(state["step"]), workdir)
@@ -617,20 +648,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def checkpoint():
         loader_state = train_loader.get_state()
-        _save(
-            mngr,
-            state,
-            {"loader": loader_state, "history": history, "train_log": train_log, "step": step},
-        )
+        ckpt_meta = {"loader": loader_state, "history": history, "train_log": train_log}
+        ckpt_meta["step"] = step
+        if val_loader is not None:
+            ckpt_meta["val_loader"] = val_loader.get_state()
+        _save(mngr, state, ckpt_meta)
 
     buffer: list[dict[str, jax.Array]] = []
     t_log, steps_logged = time.time(), 0
     t_start, step_start = time.time(), step
     it = iter(train_loader)
+    val_it = iter(val_loader) if val_loader is not None else None
     while step < total_steps:
         epoch = step // steps_per_epoch
         batch = trainer.shard_batch(next(it))
-        state, out = trainer.train_step(state, batch, jnp.int32(epoch))
+        val_batch = trainer.shard_batch(next(val_it)) if val_it is not None else None
+        state, out = trainer.train_step(state, batch, jnp.int32(epoch), val_batch)
         step += 1
         buffer.append(out)
         steps_logged += 1

@@ -253,3 +253,21 @@ def test_quickstart_config_runs_shortened(config_file, cache, tmp_path, monkeypa
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
     table = metrics.format_results_table(results, tasks.higher_is_better(names))
     assert table.count("\n") == len(final) + 1 and "| higher |" in table
+
+
+def test_coba_gets_validation_losses_through_the_harness(cache, tmp_path, monkeypatch):
+    # CoBa's update needs this step's validation losses: the harness draws one batch of the
+    # validation split per step and checkpoints that loader's position too.
+    monkeypatch.setenv(data.builders.CACHE_ENV, cache)
+    config = _load_config("penguins.py", "smoke")
+    config.num_epochs, config.steps_per_epoch, config.eval_steps = 2, 3, 1
+    config.balancer = "coba(warmup_steps=1, history_length=2)"
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["steps"] == 6
+    weights = np.array([e["weights"] for e in results["train_log"]])
+    assert np.all(np.isfinite(weights))
+    assert np.ptp(weights[1:], axis=0).max() > 1e-2  # after warm-up the weights move
+    assert all(np.isfinite(v) for v in results["final"].values())
+    config.num_epochs = 3  # resumes (train and validation loaders) from the step-6 checkpoint
+    resumed = train.train_and_evaluate(config, str(tmp_path))
+    assert resumed["steps"] == 9 and resumed["history"][:2] == results["history"]

@@ -154,8 +154,9 @@ def make_trainer(balancer, **overrides):
     return train.Trainer(c, tasks, model, mesh, steps_per_epoch=2)
 
 
-# Methods whose update needs inputs the harness does not produce (e.g. validation losses).
-NEEDS_EXTRA = sorted(EXTRA_UPDATE_ARGS)
+# Constructor arguments that differ from the common method test's: a config carries strings,
+# not functions (FULLER's last shared layer is a regex on the parameter path).
+HARNESS_KWARGS = {"fuller": {"last_shared_layer": "bn"}}
 
 
 # The full sweep compiles one train step per method (~5-10 s of CPU each on this machine), so
@@ -165,17 +166,19 @@ DEFAULT_SUBSET = ("upgrad", "scalarize", "dwa")
 
 
 def _one_step(name):
-    if name in NEEDS_EXTRA:
-        pytest.skip(f"{name} needs update inputs the harness does not provide (EXTRA_UPDATE_ARGS)")
-    spec = {"name": name, **INIT_KWARGS.get(name, lambda k: {})(3)}
+    kwargs = HARNESS_KWARGS.get(name) or INIT_KWARGS.get(name, lambda k: {})(3)
+    spec = {"name": name, **kwargs}
     spec = {k: (np.asarray(v).tolist() if isinstance(v, jax.Array) else v) for k, v in spec.items()}
     trainer = make_trainer([spec])
     assert train.parse_balancer(trainer.config.balancer) == [spec]
     state = trainer.init_state()
     before = jax.tree.map(np.asarray, state["params"])
     batch = trainer.shard_batch(synthetic_batch())
-    state, out = trainer.train_step(state, batch, jnp.int32(0))
-    state, out = trainer.train_step(state, batch, jnp.int32(0))
+    # Methods taking validation losses (CoBa) get a validation batch, as train_and_evaluate does.
+    assert trainer.needs_val_losses == (name in EXTRA_UPDATE_ARGS)
+    val = trainer.shard_batch(synthetic_batch(seed=1)) if trainer.needs_val_losses else None
+    state, out = trainer.train_step(state, batch, jnp.int32(0), val)
+    state, out = trainer.train_step(state, batch, jnp.int32(0), val)
     assert int(state["step"]) == 2
     assert np.all(np.isfinite(out["losses"])) and out["losses"].shape == (3,)
     assert np.all(np.isfinite(out["weights"])) and out["weights"].shape == (3,)
