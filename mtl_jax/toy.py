@@ -174,7 +174,7 @@ def plot(results: dict, path: str) -> None:
         bottom.set_xlabel("f1")
         bottom.set_ylabel("f2")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 

@@ -6,6 +6,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mtl_jax as mtl
 from experiments import toy as toy_config
@@ -62,3 +63,25 @@ def test_runner_writes_plot_table_and_json(tmp_path):
     data = json.loads((tmp_path / "toy.json").read_text())
     assert set(data["methods"]) == {m.get("label", m["name"]) for m in config.methods}
     assert "| ew |" in (tmp_path / "toy.md").read_text()
+
+
+@pytest.mark.slow
+def test_famo_reaches_the_front_from_9_9_with_the_authors_toy_settings():
+    # The authors' toy run (Cranial-XIX/FAMO experiments/toy/run.sh) uses gamma=0 (no weight
+    # decay on the logits) and min_losses=(-21 * scale, -21); with the library default
+    # gamma=1e-3 FAMO stalls from (9, 9) on the plateau of the scaled first loss.
+    config = toy_config.get_config("nash")
+    spec = dict(next(m for m in config.methods if m["name"] == "famo"))
+    assert spec["gamma"] == 0.0 and tuple(spec["min_losses"]) == (-2.1, -21.0)
+    front = toy.pareto_front(config.scale)
+
+    def distance(**kwargs):
+        traj = toy.run_method(
+            mtl.famo(2, **kwargs), (9.0, 9.0), steps=config.steps, scale=config.scale,
+            record_every=500,
+        )  # fmt: skip
+        final = np.asarray(toy.toy_losses(jnp.asarray(traj[-1]), config.scale))
+        return toy.distance_to_front(final[None], front)[0]
+
+    assert distance(**{k: v for k, v in spec.items() if k != "name"}) < config.front_tolerance
+    assert distance(gamma=1e-3, min_losses=spec["min_losses"]) > 1.0
