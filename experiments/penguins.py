@@ -71,6 +71,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 40
     c.num_average_epochs = 1
     c.num_devices = -1
+    # Scale (README "Scale"): the device mesh as (axis, size) pairs (-1: the remaining devices;
+    # the batch is split over 'data'), e.g. --config.mesh='(("data", 4), ("model", 2))';
+    # parameter sharding rules ((regex on the parameter path, PartitionSpec entries) pairs, first
+    # match wins), FSDP over the data axis, and multi-host jax.distributed.initialize().
+    c.mesh = (("data", -1),)
+    c.sharding_rules = ()
+    c.fsdp = False
+    c.distributed = False  # or MTL_JAX_DISTRIBUTED=1
     c.baseline = ()
 
     if "smoke" in variants:

@@ -154,6 +154,37 @@ def jacobian_sharding(param_sharding: NamedSharding) -> NamedSharding:
     return NamedSharding(param_sharding.mesh, P(None, *param_sharding.spec))
 
 
+def mirror_shardings(tree: PyTree, params: PyTree, param_shardings: PyTree, mesh: Mesh) -> PyTree:
+    """Shardings for a tree holding copies of the parameters (optimizer or balancer state).
+
+    A leaf whose path ends with a parameter's path (e.g. ``[0].mu['trunk'][0]['kernel']`` for
+    ``['trunk'][0]['kernel']``) takes that parameter's sharding if it has the parameter's shape,
+    or its `jacobian_sharding` if it has shape ``[K, *param.shape]``; every other leaf (step
+    counters, K-vectors, K x K matrices) is replicated.
+    """
+    by_path = {}
+    for (path, p), sh in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings), strict=True
+    ):
+        by_path[jax.tree_util.keystr(path)] = (tuple(np.shape(p)), sh)
+    # Longest match first: ``['enc']['w']`` must win over a root-level ``['w']``.
+    suffixes = sorted(by_path, key=len, reverse=True)
+
+    def one(path, leaf):
+        name, shape = jax.tree_util.keystr(path), tuple(np.shape(leaf))
+        for suffix in suffixes:
+            if name.endswith(suffix):
+                p_shape, sh = by_path[suffix]
+                if shape == p_shape:
+                    return sh
+                if shape[1:] == p_shape and len(shape) == len(p_shape) + 1:
+                    return jacobian_sharding(sh)
+                break
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -20,9 +20,16 @@ training log (``train_log``: every ``config.log_every_steps`` steps, the mean ta
 effective task weights, pairwise task-gradient cosines (Jacobian path) and seconds per step,
 evaluation time excluded).
 
-Data parallel over all local devices: a 1-D `jax.sharding.Mesh` with axis ``'data'``; the
-batch is sharded on it and everything else is replicated (BatchNorm statistics are those of
-the global batch, i.e. synchronized).
+Sharding: ``config.mesh`` names the device mesh as ``(axis, size)`` pairs (default
+``(('data', -1),)``: data parallel over all devices; ``-1`` = the remaining devices), e.g.
+``(('data', 4), ('model', 2))``. It must have a ``'data'`` axis: the batch is split over it.
+Parameters are placed by ``config.sharding_rules`` (``(regex on the parameter path,
+PartitionSpec entries)`` pairs, first match wins, `mtl_jax.sharding.tree_shardings`) and, with
+``config.fsdp=True``, additionally split over the data axis (FSDP); optimizer and balancer state
+follow their parameters (`mtl_jax.sharding.mirror_shardings`), Jacobian leaves follow their
+parameter's sharding behind an unsharded task axis, everything else (step, BatchNorm statistics
+of the global batch, K-vectors) is replicated. The train step is one ``jax.jit`` with these
+in/out shardings and the state donated.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mtl_jax as mtl
-from mtl_jax import models
+from mtl_jax import models, sharding
 
 PyTree = Any
 
@@ -283,15 +290,40 @@ def _fmt_time(seconds: float) -> str:
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """1-D data-parallel mesh over ``config.num_devices`` local devices (-1: all)."""
+    """The mesh of ``config.mesh`` over the first ``config.num_devices`` devices (-1: all).
+
+    ``config.mesh``: ``(axis, size)`` pairs or a mapping, one size may be -1 (the remaining
+    devices); unset or empty: ``(('data', -1),)``, data parallel.
+    """
     n = config.get("num_devices", -1)
     devices = jax.devices()
     n = len(devices) if n in (-1, None) else n
     if n > len(devices):
         raise ValueError(f"config.num_devices={n} but only {len(devices)} devices are visible.")
-    return jax.sharding.Mesh(
-        np.asarray(devices[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    axes = config.get("mesh", None) or (("data", -1),)
+    if hasattr(axes, "items"):  # a dict or a ConfigDict
+        axes = tuple(axes.items())
+    mesh = sharding.make_mesh(axes, devices[:n])
+    if "data" not in mesh.shape:
+        raise ValueError(
+            f"config.mesh={tuple(axes)} has no 'data' axis; the batch is split over it. "
+            "Add one, e.g. (('data', -1), ('model', 2))."
+        )
+    return mesh
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> tuple[sharding.Rule, ...]:
+    """``config.sharding_rules`` as ``(regex, spec)`` pairs (spec: a tuple of axis names/None)."""
+    rules = []
+    for rule in config.get("sharding_rules", ()) or ():
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(
+                f"config.sharding_rules entry {rule!r}: expected (regex, spec), e.g. "
+                "(r\"trunk.*kernel\", (None, 'model'))."
+            )
+        pattern, spec = rule
+        rules.append((pattern, None if spec is None else tuple(spec)))
+    return tuple(rules)
 
 
 class Trainer:
@@ -317,29 +349,59 @@ class Trainer:
         self.balancer = balancer
         self.optimizer, self.schedule = make_optimizer(config, steps_per_epoch)
         self.repl = NamedSharding(mesh, P())
-        self.data_sharding = NamedSharding(mesh, P("data"))
+        self.data_sharding = sharding.batch_sharding(mesh)
         self._init_params = params
         self._init_batch_stats = batch_stats
-        self.train_step = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.repl)
-        self.eval_step = jax.jit(self._eval_step, out_shardings=self.repl)
+        fsdp_axis = "data" if config.get("fsdp", False) else None
+        self.param_shardings = sharding.tree_shardings(
+            params, mesh, sharding_rules(config), fsdp_axis
+        )
+        self.jac_shardings = jax.tree.map(sharding.jacobian_sharding, self.param_shardings)
+        self.state_shardings = self._state_shardings()
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.data_sharding, self.repl),
+            out_shardings=(self.state_shardings, self.repl),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            self._eval_step,
+            in_shardings=(self.state_shardings, self.data_sharding, self.repl),
+            out_shardings=self.repl,
+        )
 
     # -- state ------------------------------------------------------------------------------
+    def _state_shardings(self) -> dict[str, PyTree]:
+        """Parameters by the rules, optimizer/balancer state like their parameters, rest
+        replicated."""
+        shapes = jax.eval_shape(self._initial_state)
+        params, mirror = self._init_params, sharding.mirror_shardings
+        return {
+            "step": self.repl,
+            "params": self.param_shardings,
+            "batch_stats": jax.tree.map(lambda _: self.repl, shapes["batch_stats"]),
+            "balancer": mirror(shapes["balancer"], params, self.param_shardings, self.mesh),
+            "opt": mirror(shapes["opt"], params, self.param_shardings, self.mesh),
+        }
+
     def init_state(self) -> dict[str, PyTree]:
+        # Distinct buffers (an init may reuse one array in two fields; the step donates them).
+        state = jax.tree.map(lambda x: jnp.array(x, copy=True), self._initial_state())
+        return jax.device_put(state, self.state_shardings)
+
+    def _initial_state(self) -> dict[str, PyTree]:
         params = self._init_params
         if self.loss_weighting is not None:
             bal_state = self.loss_weighting.init()
         else:
             bal_state = self.balancer.init(params)
-        state = {
+        return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "batch_stats": self._init_batch_stats,
             "balancer": bal_state,
             "opt": self.optimizer.init(params),
         }
-        # Distinct buffers (an init may reuse one array in two fields; the step donates them).
-        state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-        return jax.device_put(state, self.repl)
 
     # -- steps -------------------------------------------------------------------------------
     def _forward(self, params, batch_stats, batch, train, key=None):
@@ -387,6 +449,8 @@ class Trainer:
                 strategy=self.config.get("jacobian_strategy", "auto"),
                 chunk_size=self.config.get("jacobian_chunk_size", None),
             )(params)
+            # Each Jacobian leaf as its parameter, behind an unsharded task axis.
+            jac = jax.lax.with_sharding_constraint(jac, self.jac_shardings)
             balanced, bal_state = self.balancer.update(
                 jac, state["balancer"], params, task_losses=losses, **extra
             )
@@ -403,6 +467,7 @@ class Trainer:
             out["cos"] = gram / jnp.maximum(jnp.outer(before, before), 1e-30)
             # A dot with ones, not jnp.sum(axis=0) (much slower on XLA CPU; see sum_tasks).
             grads = mtl.weighted_sum(balanced, jnp.ones((k,), jnp.float32))
+        grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
         updates, opt_state = self.optimizer.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
         out["losses"] = losses
@@ -541,14 +606,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tasks = tasks_lib.get_tasks(dataset)
     mesh = make_mesh(config)
     n_dev = mesh.devices.size
+    n_data = mesh.shape["data"]
     n_proc = jax.process_count()
     eval_bs = config.get("eval_batch_size", -1)
     eval_bs = config.batch_size if eval_bs in (-1, None) else eval_bs
     for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
-        if bs % n_dev:
+        if bs % n_data or bs % n_proc:
             raise ValueError(
-                f"config.{name}={bs} must be divisible by the number of devices ({n_dev}) for "
-                "data parallelism; change it or set --config.num_devices."
+                f"config.{name}={bs} must be divisible by the size of the mesh's data axis "
+                f"({n_data}) and the number of processes ({n_proc}); change it, "
+                "--config.mesh or --config.num_devices."
             )
     loader_kw = dict(shard_index=jax.process_index(), shard_count=n_proc)
     train_loader = data_lib.make_loader(
@@ -593,13 +660,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info(
         "mtl_jax: %s, model %s (%d parameters), tasks %s, balancer %s (%s path), "
-        "%d devices, %d steps/epoch, %d steps.",
+        "mesh %s (%d devices), %d steps/epoch, %d steps.",
         dataset,
         model_name,
         n_params,
         [t.name for t in tasks],
         trainer.specs or "equal weighting",
         "loss-only" if trainer.loss_weighting is not None else "Jacobian",
+        dict(mesh.shape),
         n_dev,
         steps_per_epoch,
         total_steps,

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -193,5 +194,221 @@ def test_mesh_errors():
     )
 
 
+# -- the harness (mtl_jax.train) under config.mesh / config.sharding_rules / config.fsdp ----------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Penguins MLP: trunk 3 -> 64 -> 64, heads 64 -> 32 -> {3, 2, 1}. The model axis splits the
+# output features of the trunk and of the heads' hidden layers; FSDP then splits another
+# dimension over the data axis where it divides.
+MP_RULES = ((r"(trunk|hidden).*kernel", (None, "model")),)
+
+
+def penguins_config(**overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "penguins", os.path.join(ROOT, "experiments", "penguins.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("smoke")  # 2 epochs x 2 steps of batch 32
+    # SGD with momentum (Adam would amplify reduction-order noise); a Jacobian-path balancer.
+    c.optimizer, c.momentum, c.learning_rate = "sgd", 0.9, 0.05
+    c.balancer = "mgda"
+    c.eval_batch_size = 8
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def make_trainer(config):
+    from mtl_jax import models, train
+    from mtl_jax import tasks as tasks_lib
+
+    tasks = tasks_lib.get_tasks(config.dataset)
+    model_cfg = dict(config.model)
+    name = model_cfg.pop("name")
+    model = models.build_model(
+        name, {t.name: t.out_channels for t in tasks}, seed=config.seed, **model_cfg
+    )
+    return train.Trainer(config, tasks, model, train.make_mesh(config), steps_per_epoch=2)
+
+
+def restore_state(config, workdir):
+    """The latest checkpoint in ``workdir``, restored into ``config``'s mesh and shardings."""
+    from mtl_jax import train
+
+    trainer = make_trainer(config)
+    mngr = train._checkpoint_manager(workdir, config)
+    state, meta = train._restore(mngr, trainer.init_state())
+    mngr.close()
+    assert meta is not None, f"no checkpoint in {workdir}"
+    return state
+
+
+def _run_harness_checks(out_path: str) -> None:
+    import jax
+    import numpy as np
+
+    from mtl_jax import train
+
+    assert jax.device_count() == 8, jax.devices()
+    tmp = os.path.dirname(out_path)
+    one = dict(num_devices=1)
+    mesh42 = dict(mesh=(("data", 4), ("model", 2)), sharding_rules=MP_RULES, fsdp=True)
+    dp8 = dict(mesh=(("data", 8),))
+    runs = {
+        "1 device": [one],
+        "4x2 FSDP": [mesh42],
+        # 2 steps under 4x2 + FSDP, then resumed from its checkpoint under data-parallel 8x1.
+        "4x2 FSDP -> 8x1": [dict(mesh42, num_train_steps=2), dp8],
+    }
+    results = {}
+    params = {}
+    for name, phases in runs.items():
+        workdir = os.path.join(tmp, name.replace(" ", "_").replace(">", ""))
+        for overrides in phases:
+            res = train.train_and_evaluate(penguins_config(**overrides), workdir)
+        # Restored under a single device, whatever mesh saved it.
+        state = restore_state(penguins_config(**one), workdir)
+        params[name] = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+        results[name] = {"steps": res["steps"], "final": res["final"]}
+    for name in runs:
+        results[name]["max_abs_err"] = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(params[name], params["1 device"], strict=True)
+        )
+    trainer = make_trainer(penguins_config(**mesh42))
+    specs = {
+        jax.tree_util.keystr(path): str(sh.spec)
+        for path, sh in jax.tree_util.tree_leaves_with_path(trainer.state_shardings["params"])
+    }
+    opt_specs = [str(sh.spec) for sh in jax.tree.leaves(trainer.state_shardings["opt"])]
+    # The checkpoint of the single-device run restored into the 4x2 FSDP layout.
+    state = restore_state(penguins_config(**mesh42), os.path.join(tmp, "1_device"))
+    restored_specs = {
+        jax.tree_util.keystr(path): str(x.sharding.spec)
+        for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
+    same = all(
+        np.array_equal(np.asarray(a), b)
+        for a, b in zip(jax.tree.leaves(state["params"]), params["1 device"], strict=True)
+    )
+    results["layout"] = {
+        "param_specs": specs,
+        "opt_specs": opt_specs,
+        "restored_specs": restored_specs,
+        "restored_equal": same,
+    }
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def harness_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("harness") / "results.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), str(out), "harness"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_harness_on_4x2_mesh_with_fsdp_matches_one_device(harness_results):
+    r = harness_results
+    for name in ("4x2 FSDP", "4x2 FSDP -> 8x1"):
+        assert r[name]["steps"] == r["1 device"]["steps"] == 4, r
+        assert r[name]["max_abs_err"] <= 1e-5, (name, r[name])
+        for key, value in r["1 device"]["final"].items():
+            assert r[name]["final"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    specs = r["layout"]["param_specs"]
+    # Rules + FSDP: the model axis where the rule says, the data axis on another dimension.
+    assert specs["['trunk'][1]['kernel'].value"] == "P('data', 'model')", specs
+    assert specs["['trunk'][0]['kernel'].value"] == "P(None, 'model')", specs
+    assert "model" not in specs["['heads']['sex']['out']['kernel'].value"], specs
+    # The momentum buffers mirror their parameters.
+    extra = Counter(r["layout"]["opt_specs"])
+    extra.subtract(specs.values())  # one momentum buffer per parameter, same spec
+    assert {s: n for s, n in extra.items() if n} == {"P()": 1}, r["layout"]  # + a step count
+    # A 1-device checkpoint restores into the 4x2 FSDP layout, values unchanged.
+    assert r["layout"]["restored_equal"]
+    assert r["layout"]["restored_specs"] == specs
+
+
+def test_harness_mesh_config_and_layout_on_one_device():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mtl_jax import sharding, train
+
+    c = penguins_config(mesh=(("data", 1), ("model", 1)), sharding_rules=MP_RULES, fsdp=True)
+    trainer = make_trainer(c)
+    assert dict(trainer.mesh.shape) == {"data": 1, "model": 1}
+    by_path = {
+        jax.tree_util.keystr(p): sh.spec
+        for p, sh in jax.tree_util.tree_leaves_with_path(trainer.state_shardings["params"])
+    }
+    assert by_path["['trunk'][1]['kernel'].value"] == sharding.P(None, "model")
+    # Optimizer state mirrors its parameter (path suffix + shape), counters replicated.
+    opt = {
+        jax.tree_util.keystr(p): sh.spec
+        for p, sh in jax.tree_util.tree_leaves_with_path(trainer.state_shardings["opt"])
+    }
+    assert opt["[0][0].trace['trunk'][1]['kernel'].value"] == sharding.P(None, "model"), opt
+    state = trainer.init_state()
+    from mtl_jax import data as data_lib
+
+    loader = data_lib.make_loader("penguins", "", "train", batch_size=4, seed=0, train=True)
+    batch = next(iter(loader))
+    state, out = trainer.train_step(state, trainer.shard_batch(batch), jnp.int32(0))
+    assert int(state["step"]) == 1 and np.all(np.isfinite(out["losses"]))
+    (kernel,) = jax.tree.leaves(state["params"]["trunk"][1]["kernel"])
+    assert kernel.sharding.spec == sharding.P(None, "model")
+    # Config errors name the problem.
+    with pytest.raises(ValueError, match="no 'data' axis"):
+        train.make_mesh(penguins_config(mesh=(("model", 1),)))
+    with pytest.raises(ValueError, match="needs 64 devices"):
+        train.make_mesh(penguins_config(mesh=(("data", 64),)))
+    with pytest.raises(ValueError, match="expected \\(regex, spec\\)"):
+        train.sharding_rules(penguins_config(sharding_rules=(("kernel",),)))
+    # A mapping works too (and the default is 1-D data parallel over all devices).
+    import ml_collections
+
+    mesh = train.make_mesh(ml_collections.ConfigDict({"mesh": {"data": -1}}))
+    assert mesh.axis_names == ("data",)
+
+
+def test_mirror_shardings_follow_parameters():
+    import jax.numpy as jnp
+    import optax
+
+    from mtl_jax import sharding
+
+    mesh = sharding.make_mesh({"data": 1, "model": 1})
+    params = {"enc": {"w": jnp.zeros((4, 6))}, "w": jnp.zeros((4, 6))}
+    rules = [(r"\['enc'\]\['w'\]", (None, "model"))]
+    p_sh = sharding.tree_shardings(params, mesh, rules)
+    state = {
+        "adam": optax.adam(1e-3).init(params),
+        "jac_momentum": {"enc": {"w": jnp.zeros((3, 4, 6))}},
+        "weights": jnp.zeros((3,)),
+    }
+    sh = sharding.mirror_shardings(state, params, p_sh, mesh)
+    assert sh["adam"][0].mu["enc"]["w"].spec == sharding.P(None, "model")
+    assert sh["adam"][0].mu["w"].spec == sharding.P()  # the longest matching path wins
+    assert sh["adam"][0].count.spec == sharding.P()
+    assert sh["jac_momentum"]["enc"]["w"].spec == sharding.P(None, None, "model")
+    assert sh["weights"].spec == sharding.P()
+
+
 if __name__ == "__main__":
-    _run_checks(sys.argv[1])
+    if sys.argv[2:] == ["harness"]:
+        _run_harness_checks(sys.argv[1])
+    else:
+        _run_checks(sys.argv[1])
