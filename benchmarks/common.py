@@ -57,12 +57,17 @@ def _conv(x, p, stride):
     return jax.nn.relu(y + p["b"])
 
 
-def encode(encoder: dict, x: jax.Array) -> jax.Array:
-    """Shared representation [B, hidden]."""
+def conv_features(encoder: dict, x: jax.Array) -> jax.Array:
+    """The flattened conv features [B, 8 * 8 * 2 * width]: the input of the dense layer."""
     h = _conv(x, encoder["conv1"], 1)
     h = _conv(h, encoder["conv2"], 2)
     h = _conv(h, encoder["conv3"], 2)
-    h = h.reshape(h.shape[0], -1)
+    return h.reshape(h.shape[0], -1)
+
+
+def encode(encoder: dict, x: jax.Array) -> jax.Array:
+    """Shared representation [B, hidden]."""
+    h = conv_features(encoder, x)
     return jax.nn.relu(h @ encoder["dense"]["w"] + encoder["dense"]["b"])
 
 
@@ -95,16 +100,21 @@ def _block(out):
 
 
 def time_interleaved(
-    fns: dict[str, Callable], args: Sequence[Any], rounds: int, min_time: float = 0.0
+    fns: dict[str, Callable],
+    args: Sequence[Any],
+    rounds: int,
+    min_time: float = 0.0,
+    warmup: int = 2,
 ) -> dict[str, float]:
     """Median wall time (seconds) of each ``fn(*args)``, measured round-robin.
 
     Every round calls each function once, so slow phases of a noisy machine hit all of them
-    alike and the ratios stay meaningful. The first two (compiling, warming) calls are excluded.
+    alike and the ratios stay meaningful. The first ``warmup`` (compiling, warming) calls of each
+    function are excluded.
     """
     for fn in fns.values():
-        _block(fn(*args))
-        _block(fn(*args))
+        for _ in range(warmup):
+            _block(fn(*args))
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     n = 0

@@ -2,11 +2,23 @@
 
 On the HPS CNN (benchmarks/common.py; batch 64, 32x32x3, ~1.1M parameters) for each K it times,
 in one process, round-robin: an equal-weight step (``jax.grad`` of the summed loss) and, for
-each method, ``mtl.weighted_value_and_grad(loss_fn, mtl.<method>_weighting(K))`` (weights from
-this step's losses, state update, one backward pass). GradNorm uses
-``mtl.gradnorm_value_and_grad`` with the last shared layer (the encoder's dense layer) as its
-parameter subset: per-task norms from a Jacobian w.r.t. that layer only, then one backward.
-The issue's target is <= 1.05x EW.
+each loss-level method of ``mtl.registry.LOSS_METHODS`` that has a one-backward path,
+``mtl.weighted_value_and_grad(loss_fn, mtl.<method>_weighting(K))`` (weights from this step's
+losses, state update, one backward pass). The issue's target is <= 1.05x EW.
+
+GradNorm needs the per-task gradient norms of the last shared layer (the encoder's dense layer,
+524k parameters). Two ways are timed:
+
+* ``gradnorm``: `mtl.gradnorm_value_and_grad` with that layer as its parameter subset: a K-row
+  Jacobian w.r.t. the layer (K outer products of [B, 4096] x [B, 256]), then one backward;
+* ``gradnorm (input Gram)``: the same norms without the K x 524k Jacobian: for a dense layer
+  ``y = x W + b`` the task-k gradient is ``x^T g_k`` with ``g_k = dL_k/dy`` [B, 256] (K VJPs
+  through the heads only, as the representation-level path does), so
+  ``||dL_k/dW||^2 = <x x^T, g_k g_k^T>`` (two B x B Gram matrices) and
+  ``||dL_k/db||^2 = ||sum_b g_k[b]||^2``; then the same weighted backward.
+
+DB-MTL (log-loss gradient EMA) and ExcessMTL need per-task gradients of all shared parameters:
+no one-backward path, not timed here.
 
     python -m benchmarks.loss_path
     python -m benchmarks.loss_path --tasks 3 --methods famo dwa --repeats 30
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +38,44 @@ import jax.numpy as jnp
 import mtl_jax as mtl
 from benchmarks import common
 
-# Methods with a pure loss path (part D of issue 5). ExcessMTL and DB-MTL (with its gradient
-# EMA) need the per-task gradients of all shared parameters: no one-backward path.
-METHODS = ("uncertainty_weighting", "dwa", "rlw", "gls", "imtl_l", "stch", "famo", "gradnorm")
+# The per-method constructor / update arguments of the common method test (one source of truth).
+from tests.test_common_methods import EXTRA_UPDATE_ARGS, INIT_KWARGS
+
+# Loss-level methods without a one-backward path (they need every shared parameter's per-task
+# gradient).
+NO_LOSS_PATH = ("db_mtl", "excess_mtl")
+METHODS = tuple(m for m in mtl.registry.LOSS_METHODS if m not in NO_LOSS_PATH)
+GRADNORM_GRAM = "gradnorm (input Gram)"
 
 GRADNORM_MASK = {
     "encoder": {"conv1": False, "conv2": False, "conv3": False, "dense": True},
     "heads": False,
 }
+
+
+def weighting(name: str, k: int) -> mtl.LossWeighting:
+    """``mtl.<name>_weighting`` with the common method test's constructor arguments."""
+    factory = getattr(mtl, f"{name}_weighting")
+    kwargs = dict(INIT_KWARGS.get(name, lambda k: {})(k))
+    if "num_tasks" in inspect.signature(factory).parameters:
+        kwargs.setdefault("num_tasks", k)
+    return factory(**kwargs)
+
+
+def dense_grad_norms(params: dict, batch: dict) -> jax.Array:
+    """Per-task gradient norms of the encoder's dense layer from two B x B Gram matrices."""
+    enc = params["encoder"]
+    x = jax.lax.stop_gradient(common.conv_features(enc, batch["x"]))
+    y = x @ enc["dense"]["w"] + enc["dense"]["b"]
+
+    def heads(y):
+        return common.head_losses(params["heads"], jax.nn.relu(y), batch["y"])
+
+    losses, vjp = jax.vjp(heads, y)
+    g = mtl.jacobian_rows(lambda ct: vjp(ct)[0], losses.shape[0], losses.dtype)  # [K, B, H]
+    sq_w = jnp.einsum("bc,kbh,kch->k", x @ x.T, g, g)
+    sq_b = jnp.sum(jnp.sum(g, axis=1) ** 2, axis=-1)
+    return jnp.sqrt(sq_w + sq_b)
 
 
 def step_fns(k: int, methods: list[str]) -> tuple[dict, dict]:
@@ -42,12 +85,19 @@ def step_fns(k: int, methods: list[str]) -> tuple[dict, dict]:
     fns = {"EW step (grad of sum)": jax.jit(lambda s, p, b: ew(p, b))}
     states = {"EW step (grad of sum)": None}
     for name in methods:
-        lw = getattr(mtl, f"{name}_weighting")(k)
+        lw = weighting("gradnorm" if name == GRADNORM_GRAM else name, k)
+        extra = EXTRA_UPDATE_ARGS[name](k, 0) if name in EXTRA_UPDATE_ARGS else {}
         if name == "gradnorm":
             vg = mtl.gradnorm_value_and_grad(f, lw, GRADNORM_MASK)
+        elif name == GRADNORM_GRAM:
+            base = mtl.weighted_value_and_grad(f, lw)
+
+            def vg(s, p, b, base=base):
+                return base(s, p, b, grad_norms=jax.lax.stop_gradient(dense_grad_norms(p, b)))
+
         else:
             vg = mtl.weighted_value_and_grad(f, lw)
-        fns[name] = jax.jit(vg)
+        fns[name] = jax.jit(functools.partial(vg, **extra))
         states[name] = lw.init()
     return fns, states
 
@@ -86,7 +136,7 @@ def to_markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[3, 10, 40])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, GRADNORM_GRAM])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
