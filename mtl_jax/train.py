@@ -358,9 +358,9 @@ class Trainer:
         )
         self.jac_shardings = jax.tree.map(sharding.jacobian_sharding, self.param_shardings)
         self.state_shardings = self._state_shardings()
-        self.train_step = jax.jit(
+        self._jit_train_step = jax.jit(
             self._train_step,
-            in_shardings=(self.state_shardings, self.data_sharding, self.repl),
+            in_shardings=(self.state_shardings, self.data_sharding, self.repl, self.data_sharding),
             out_shardings=(self.state_shardings, self.repl),
             donate_argnums=0,
         )
@@ -369,6 +369,10 @@ class Trainer:
             in_shardings=(self.state_shardings, self.data_sharding, self.repl),
             out_shardings=self.repl,
         )
+
+    def train_step(self, state, batch, epoch, val_batch=None):
+        """One jitted step (the state is donated); ``val_batch``: see `_train_step`."""
+        return self._jit_train_step(state, batch, epoch, val_batch)
 
     # -- state ------------------------------------------------------------------------------
     def _state_shardings(self) -> dict[str, PyTree]:
