@@ -68,7 +68,11 @@ SINGLE_TASK = "single-task"
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
-    """Method names from ``'all'`` (``ew`` + every name in `mtl_jax.BALANCERS`) or a list.
+    """Method names from ``'all'`` or a comma-separated list.
+
+    ``'all'`` is ``ew`` and every name in `mtl_jax.BALANCERS` except ``scalarize`` (a fixed
+    weighting that needs its weight vector; the runner uses it for the single-task baselines
+    and the preference sweep).
 
     Raises:
       ValueError: an unknown name (listing the valid ones) or an empty list.
@@ -78,7 +82,7 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
-        return [EW, *mtl.BALANCERS]
+        return [EW, *(m for m in mtl.BALANCERS if m != "scalarize")]
     valid = (EW, *mtl.BALANCERS)
     unknown = [n for n in names if n not in valid]
     if unknown or not names:
@@ -87,6 +91,28 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
             f"comma-separated list of {', '.join(valid)}."
         )
     return list(dict.fromkeys(names))
+
+
+def method_balancer(method: str, config: ml_collections.ConfigDict, num_tasks: int) -> str:
+    """``config.balancer`` of ``method``, with the arguments the few methods without a usable
+    default need: Krum ``n_byzantine=0``, trimmed mean ``trim_number=1`` (0 for two tasks),
+    IGB ``steps_per_epoch`` of the run. (``adaptive_task_balancing``, ``log_class_scaling``
+    and ``task_schedule`` take per-dataset inputs: pass them in ``--config.balancer`` runs.)"""
+    if method == EW:
+        return EW
+    if method == "krum":
+        return "krum(n_byzantine=0)"
+    if method == "trimmed_mean":
+        return f"trimmed_mean(trim_number={1 if num_tasks >= 3 else 0})"
+    if method == "igb":
+        from mtl_jax import data as data_lib
+
+        info = data_lib.dataset_info(config.dataset)
+        steps = info.splits[info.train_split] // config.batch_size
+        if config.get("steps_per_epoch", -1) not in (-1, None):
+            steps = min(steps, config.steps_per_epoch)
+        return f"igb(steps_per_epoch={max(int(steps), 1)})"
+    return method
 
 
 def preference_balancer(weights: Sequence[float]) -> str:
@@ -416,7 +442,7 @@ def run_comparison(
     # 3. Methods, seed-major.
     for seed in seeds:
         for method in methods:
-            run(method, method, method, seed)
+            run(method, method, method_balancer(method, config, k), seed)
     if elsewhere or not seeds_left:
         logging.warning(
             "compare: runs %s were in progress in other processes; rerun the same command when "
