@@ -40,6 +40,12 @@ from mtl_jax.transforms.dual_cone import dualproj, dualproj_weights, upgrad, upg
 from mtl_jax.transforms.excess_mtl import excess_mtl, excess_mtl_weighting
 from mtl_jax.transforms.fairgrad import fairgrad, fairgrad_weights
 from mtl_jax.transforms.famo import famo, famo_weighting
+from mtl_jax.transforms.finite import (
+    SkipIfNonfiniteState,
+    all_finite,
+    skip_if_nonfinite,
+    task_finite,
+)
 from mtl_jax.transforms.flat import f_mtl, f_mtl_value_and_jacobian
 from mtl_jax.transforms.fuller import fuller, fuller_task_weights
 from mtl_jax.transforms.graddrop import graddrop
@@ -125,6 +131,11 @@ __all__ = [
     "value_and_gramian",
     "value_and_jacobian",
     "weighted_sum",
+    # non-finite guards
+    "SkipIfNonfiniteState",
+    "all_finite",
+    "skip_if_nonfinite",
+    "task_finite",
     # -- Jacobian-level methods (issue 4) --
     # part A
     "RepresentationStep",

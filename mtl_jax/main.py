@@ -65,7 +65,10 @@ def main(argv):
     from mtl_jax import train  # after flag parsing: keeps `--help` fast
 
     logging.info("Config:\n%s", flags.FLAGS.config)
-    results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except train.ConfigError as e:  # one line, no traceback: nothing has run yet
+        raise app.UsageError(f"Bad config: {e}") from None
     _print_results(flags.FLAGS.config, flags.FLAGS.workdir, results)
 
 

@@ -86,8 +86,17 @@ def get_balancer(name: str, **kwargs: Any) -> optax.GradientTransformationExtraA
       ValueError: for an unknown name (listing the valid ones) or keyword arguments the method
         does not accept (listing the ones it does).
     """
-    factory = _factory(name)
-    sig = inspect.signature(factory)
+    check_arguments(name, kwargs)
+    return _factory(name)(**kwargs)
+
+
+def check_arguments(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Checks that method ``name`` exists and accepts ``kwargs``, without building it.
+
+    Raises:
+      ValueError: as `get_balancer`.
+    """
+    sig = inspect.signature(_factory(name))
     try:
         sig.bind(**kwargs)
     except TypeError as e:
@@ -95,7 +104,6 @@ def get_balancer(name: str, **kwargs: Any) -> optax.GradientTransformationExtraA
         raise ValueError(
             f"Bad arguments for balancing method {name!r}: {e}. It accepts: {accepted or '(none)'}."
         ) from None
-    return factory(**kwargs)
 
 
 def build_chain(

@@ -56,8 +56,18 @@ from jax.sharding import PartitionSpec as P
 
 import mtl_jax as mtl
 from mtl_jax import models, sharding
+from mtl_jax.transforms import finite as finite_lib
 
 PyTree = Any
+
+
+class ConfigError(ValueError):
+    """An inconsistent or unknown setting in the experiment config (raised before compiling)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped: ``config.max_consecutive_bad_steps`` consecutive steps had non-finite
+    task losses or gradients (all skipped), or a checkpoint would have held non-finite values."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +193,10 @@ def loss_weighting_for(specs: Sequence[Mapping[str, Any]], num_tasks: int):
 # ----------------------------------------------------------------------------------------------
 
 
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
+
+
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
     """Learning-rate schedule in steps from ``config.lr_schedule`` (epochs in the config)."""
     lr = config.learning_rate
@@ -221,6 +235,120 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     else:
         raise ValueError(f"Unknown config.optimizer={name!r}; valid: 'adam', 'adamw', 'sgd'.")
     return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _accepted(fn, skip: Sequence[str] = ()) -> list[str] | None:
+    """Keyword names ``fn`` (a function or a class) accepts (None when it takes ``**kwargs``)."""
+    params = inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in skip and p.kind is not p.VAR_POSITIONAL]
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config`` before any data is read or anything is compiled.
+
+    Checked: the dataset, model, optimizer, learning-rate schedule and balancer names (the
+    error lists the valid ones); the keyword arguments of the model and of every balancer (the
+    error names the method and the arguments it accepts); a balancer's ``num_tasks`` against
+    the dataset's tasks; ``num_devices`` against the visible devices; batch sizes divisible by
+    the number of data-parallel devices; positive sizes and counts.
+
+    Raises:
+      ConfigError: (a ValueError) with a one-line explanation.
+    """
+    from mtl_jax import data as data_lib
+    from mtl_jax import registry
+    from mtl_jax import tasks as tasks_lib
+
+    dataset = config.get("dataset")
+    if dataset not in data_lib.DATASETS:
+        raise ConfigError(
+            f"Unknown config.dataset={dataset!r}; valid: {', '.join(data_lib.DATASETS)}."
+        )
+    task_names = [t.name for t in tasks_lib.get_tasks(dataset)]
+    k = len(task_names)
+    if config.get("num_tasks", None) not in (None, -1, k):
+        raise ConfigError(
+            f"config.num_tasks={config.num_tasks} but dataset {dataset!r} has {k} tasks "
+            f"({', '.join(task_names)})."
+        )
+
+    model_cfg = dict(config.get("model") or {})
+    model_name = model_cfg.pop("name", None)
+    if model_name not in models.MODELS:
+        raise ConfigError(
+            f"Unknown config.model.name={model_name!r}; valid: {', '.join(sorted(models.MODELS))}."
+        )
+    accepted = _accepted(models.MODELS[model_name], skip=("self", "tasks", "rngs"))
+    unknown = sorted(set(model_cfg) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ConfigError(
+            f"config.model: model {model_name!r} does not accept {', '.join(unknown)}; it "
+            f"accepts: {', '.join(accepted)}."
+        )
+
+    if config.get("optimizer") not in OPTIMIZERS:
+        raise ConfigError(
+            f"Unknown config.optimizer={config.get('optimizer')!r}; valid: "
+            f"{', '.join(map(repr, OPTIMIZERS))}."
+        )
+    if config.get("lr_schedule", "constant") not in LR_SCHEDULES:
+        raise ConfigError(
+            f"Unknown config.lr_schedule={config.lr_schedule!r}; valid: "
+            f"{', '.join(map(repr, LR_SCHEDULES))}."
+        )
+
+    try:
+        specs = parse_balancer(config.get("balancer"))
+        for spec in specs:
+            kwargs = {key: v for key, v in _with_num_tasks(spec, k).items() if key != "name"}
+            registry.check_arguments(spec["name"], kwargs)
+            if kwargs.get("num_tasks", k) != k:
+                raise ConfigError(
+                    f"config.balancer: {spec['name']}(num_tasks={kwargs['num_tasks']}) but "
+                    f"dataset {dataset!r} has {k} tasks ({', '.join(task_names)})."
+                )
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e).split("\n")[0]) from None
+
+    for name in ("batch_size", "num_epochs"):
+        if not isinstance(config.get(name), int) or config.get(name) < 1:
+            raise ConfigError(f"config.{name}={config.get(name)!r} must be a positive integer.")
+    if not config.get("learning_rate", 0) > 0:
+        raise ConfigError(f"config.learning_rate={config.get('learning_rate')!r} must be positive.")
+    if (config.get("max_consecutive_bad_steps", 10) or 0) < 0:
+        raise ConfigError("config.max_consecutive_bad_steps must be >= 0 (0: never stop).")
+
+    n_visible = len(jax.devices())
+    n_dev = config.get("num_devices", -1)
+    if n_dev not in (-1, None) and not 1 <= n_dev <= n_visible:
+        raise ConfigError(
+            f"config.num_devices={n_dev} but {n_visible} device(s) are visible "
+            f"({jax.default_backend()}); use -1 for all of them."
+        )
+    try:  # the mesh (no compilation): axis sizes against the devices, a 'data' axis
+        mesh = make_mesh(config)
+        sharding_rules(config)
+    except ValueError as e:
+        raise ConfigError(str(e).split("\n")[0]) from None
+    n_data, n_proc = mesh.shape["data"], jax.process_count()
+    eval_bs = config.get("eval_batch_size", -1)
+    eval_bs = config.batch_size if eval_bs in (-1, None) else eval_bs
+    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
+        if bs % n_data or bs % n_proc:
+            raise ConfigError(
+                f"config.{name}={bs} must be divisible by the size of the mesh's data axis "
+                f"({n_data}) and the number of processes ({n_proc}); change it, "
+                "--config.mesh or --config.num_devices."
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,11 +400,20 @@ def create_writer(workdir: str):
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to ``path`` via a temporary file and ``os.replace``."""
+    """Writes JSON to ``path`` atomically: a temporary file in the same directory, flushed to
+    disk, then ``os.replace``. A reader (or a killed writer) sees the old file or the new one,
+    never a partial one; on an error the temporary file is removed and the old file kept."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _fmt_time(seconds: float) -> str:
@@ -405,6 +542,11 @@ class Trainer:
             "batch_stats": self._init_batch_stats,
             "balancer": bal_state,
             "opt": self.optimizer.init(params),
+            # Skipped (non-finite) steps: in total and since the last good step.
+            "nonfinite": {
+                "bad_steps": jnp.zeros((), jnp.int32),
+                "consecutive_bad_steps": jnp.zeros((), jnp.int32),
+            },
         }
 
     # -- steps -------------------------------------------------------------------------------
@@ -476,13 +618,25 @@ class Trainer:
         params = optax.apply_updates(params, updates)
         out["losses"] = losses
         out["grad_norm"] = optax.tree.norm(grads)
+        new = {"params": params, "batch_stats": new_stats, "balancer": bal_state, "opt": opt_state}
+        # Non-finite guard (no host sync): a NaN/inf task loss, Jacobian row (Jacobian path) or
+        # resulting state leaves params, statistics, optimizer and balancer state as they were.
+        jac_rows = jac if self.loss_weighting is None else None  # loss-only path: losses only
+        task_ok = finite_lib.task_finite(losses, jac_rows)
+        ok = jnp.all(task_ok) & finite_lib.all_finite(new)
+        bad = jnp.logical_not(ok).astype(jnp.int32)
+        old = {k: state[k] for k in new}
+        guard = state["nonfinite"]
         new_state = {
             "step": step + 1,
-            "params": params,
-            "batch_stats": new_stats,
-            "balancer": bal_state,
-            "opt": opt_state,
+            **finite_lib.select_tree(ok, new, old),
+            "nonfinite": {
+                "bad_steps": guard["bad_steps"] + bad,
+                "consecutive_bad_steps": (guard["consecutive_bad_steps"] + 1) * bad,
+            },
         }
+        out["bad_tasks"] = jnp.logical_not(task_ok)
+        out["nonfinite"] = new_state["nonfinite"]
         return new_state, out
 
     def _eval_step(self, state, batch, accs):
@@ -520,14 +674,30 @@ class Trainer:
 
 
 def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    # Orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete
+    # (atomic on POSIX file systems): a step killed mid-write is never listed or restored, and
+    # its leftover temporary directory is removed when the next run starts.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.get("max_checkpoints_to_keep", 2), create=True
+        max_to_keep=config.get("max_checkpoints_to_keep", 2),
+        create=True,
+        cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
 
 
 def _save(mngr, state, meta) -> None:
     step = int(jax.device_get(state["step"]))
+    if not bool(jax.device_get(_all_finite(state))):  # never write a NaN checkpoint
+        flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+        bad = [
+            jax.tree_util.keystr(path)
+            for path, x in flat
+            if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.all(np.isfinite(x))
+        ]
+        raise NonFiniteError(
+            f"Refusing to save the checkpoint of step {step}: non-finite values in "
+            f"{', '.join(bad[:5])}. The previous checkpoint is kept."
+        )
     leaves = jax.tree.leaves(state)
     mngr.save(
         step,
@@ -537,6 +707,9 @@ def _save(mngr, state, meta) -> None:
         force=True,
     )
     mngr.wait_until_finished()
+
+
+_all_finite = jax.jit(finite_lib.all_finite)
 
 
 def _restore(mngr, state):
@@ -604,23 +777,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from mtl_jax import data as data_lib
     from mtl_jax import tasks as tasks_lib
 
+    validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     dataset = config.dataset
     info = data_lib.dataset_info(dataset)
     tasks = tasks_lib.get_tasks(dataset)
     mesh = make_mesh(config)
     n_dev = mesh.devices.size
-    n_data = mesh.shape["data"]
     n_proc = jax.process_count()
     eval_bs = config.get("eval_batch_size", -1)
     eval_bs = config.batch_size if eval_bs in (-1, None) else eval_bs
-    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
-        if bs % n_data or bs % n_proc:
-            raise ValueError(
-                f"config.{name}={bs} must be divisible by the size of the mesh's data axis "
-                f"({n_data}) and the number of processes ({n_proc}); change it, "
-                "--config.mesh or --config.num_devices."
-            )
     loader_kw = dict(shard_index=jax.process_index(), shard_count=n_proc)
     train_loader = data_lib.make_loader(
         dataset,
@@ -726,17 +892,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt_meta["val_loader"] = val_loader.get_state()
         _save(mngr, state, ckpt_meta)
 
+    max_bad = config.get("max_consecutive_bad_steps", 10) or 0
+    ckpt_every_steps = config.get("checkpoint_every_steps", -1) or -1
+
+    def check_nonfinite(at_step: int, out) -> None:
+        """Logs a skipped (non-finite) step and which tasks; stops after too many in a row."""
+        bad_tasks, counts = jax.device_get((out["bad_tasks"], out["nonfinite"]))
+        consecutive = int(counts["consecutive_bad_steps"])
+        if not consecutive:
+            return
+        which = [n for n, b in zip(names, bad_tasks, strict=True) if b]
+        what = (
+            f"loss or gradient of task(s) {', '.join(which)}"
+            if which
+            else "balanced gradient or new state (all task losses and gradients finite)"
+        )
+        logging.warning(
+            "step %d: non-finite %s; update skipped (%d in a row, %d in total).",
+            at_step,
+            what,
+            consecutive,
+            int(counts["bad_steps"]),
+        )
+        scalars = {f"train/nonfinite/{n}": float(b) for n, b in zip(names, bad_tasks, strict=True)}
+        writer.write_scalars(at_step, {"train/skipped_steps": counts["bad_steps"], **scalars})
+        if max_bad and consecutive >= max_bad:
+            raise NonFiniteError(
+                f"Stopped at step {at_step}: {consecutive} consecutive steps with a non-finite "
+                f"{what} (config.max_consecutive_bad_steps={max_bad}). Those steps were skipped, "
+                "so parameters and checkpoints are finite; lower the learning rate, set "
+                "config.grad_clip_norm, or check the data and the loss of the task(s) named."
+            )
+
     buffer: list[dict[str, jax.Array]] = []
     t_log, steps_logged = time.time(), 0
     t_start, step_start = time.time(), step
     it = iter(train_loader)
     val_it = iter(val_loader) if val_loader is not None else None
+    pending = None  # (step, out) of the previous step: checked one step behind, no stall
     while step < total_steps:
         epoch = step // steps_per_epoch
         batch = trainer.shard_batch(next(it))
         val_batch = trainer.shard_batch(next(val_it)) if val_it is not None else None
         state, out = trainer.train_step(state, batch, jnp.int32(epoch), val_batch)
         step += 1
+        if pending is not None:
+            check_nonfinite(*pending)
+        pending = (step, out)
         buffer.append(out)
         steps_logged += 1
         if step % log_every == 0 or step == total_steps or step == step_start + 1:
@@ -745,16 +947,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             dt = (time.time() - t_log) / max(steps_logged, 1)
             t_log, steps_logged = time.time(), 0
             scalars = {"train/step_time_s": dt, "train/lr": float(trainer.schedule(step - 1))}
-            losses = np.mean([o["losses"] for o in outs], axis=0)
-            weights = np.mean([o["weights"] for o in outs], axis=0)
-            scalars["train/grad_norm"] = float(np.mean([o["grad_norm"] for o in outs]))
+            scalars["train/skipped_steps"] = int(outs[-1]["nonfinite"]["bad_steps"])
+            # Averages over the steps that were applied (all of them if every one was skipped).
+            good = [o for o in outs if not o["nonfinite"]["consecutive_bad_steps"]] or outs
+            losses = np.mean([o["losses"] for o in good], axis=0)
+            weights = np.mean([o["weights"] for o in good], axis=0)
+            scalars["train/grad_norm"] = float(np.mean([o["grad_norm"] for o in good]))
             for i, name in enumerate(names):
                 scalars[f"train/loss/{name}"] = losses[i]
                 scalars[f"train/weight/{name}"] = weights[i]
             entry = {"step": step, "step_time_s": dt, "losses": losses.tolist()}
             entry["weights"] = weights.tolist()
             if "cos" in outs[0]:
-                cos = np.mean([o["cos"] for o in outs], axis=0)
+                cos = np.mean([o["cos"] for o in good], axis=0)
                 entry["cos"] = cos.tolist()
                 for i in range(len(names)):
                     for j in range(i + 1, len(names)):
@@ -772,16 +977,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _fmt_time(rate * (total_steps - step)),
             )
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        done_epoch = (step - 1) // steps_per_epoch + 1
+        do_eval = end_of_epoch and (done_epoch % eval_every == 0 or step == total_steps)
+        do_ckpt = (end_of_epoch and (done_epoch % ckpt_every == 0 or step == total_steps)) or (
+            ckpt_every_steps > 0 and step % ckpt_every_steps == 0
+        )
+        if do_eval or do_ckpt:
+            check_nonfinite(*pending)
+            pending = None
+        t_eval = time.time()
+        if do_eval:
+            evaluate(done_epoch)
+        if do_ckpt:
+            checkpoint()
         if end_of_epoch:
-            t_eval = time.time()
-            done_epoch = (step - 1) // steps_per_epoch + 1
-            if done_epoch % eval_every == 0 or step == total_steps:
-                evaluate(done_epoch)
-            if done_epoch % ckpt_every == 0 or step == total_steps:
-                checkpoint()
             writer.flush()
-            t_log += time.time() - t_eval  # train/step_time_s counts training steps only
-
+        t_log += time.time() - t_eval  # train/step_time_s counts training steps only
+    if pending is not None:
+        check_nonfinite(*pending)
     if not history or history[-1]["step"] != step:
         evaluate(math.ceil(step / steps_per_epoch))
         checkpoint()
@@ -798,6 +1011,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "num_averaged": len(history[-n_avg:]),
         "history": history,
         "train_log": train_log,
+        "skipped_steps": int(jax.device_get(state["nonfinite"]["bad_steps"])),
         "baseline": baseline,
         "config": json.loads(config.to_json_best_effort()),
     }
