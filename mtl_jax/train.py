@@ -523,6 +523,7 @@ class Trainer:
             "batch_stats": jax.tree.map(lambda _: self.repl, shapes["batch_stats"]),
             "balancer": mirror(shapes["balancer"], params, self.param_shardings, self.mesh),
             "opt": mirror(shapes["opt"], params, self.param_shardings, self.mesh),
+            "nonfinite": jax.tree.map(lambda _: self.repl, shapes["nonfinite"]),
         }
 
     def init_state(self) -> dict[str, PyTree]:
