@@ -260,6 +260,35 @@ def test_label_out_of_range_is_named(nyu_dir, tmp_path):
         _loader(root)
 
 
+@pytest.mark.parametrize("corruption", ["empty_file", "truncated", "dtype", "nan", "float_label"])
+def test_corrupted_file_is_named_with_the_expectation(city_dir, tmp_path, corruption):
+    root = _copy(city_dir, tmp_path / corruption)
+    folder = "label_7" if corruption == "float_label" else "depth"
+    bad = os.path.join(root, "val", folder, "2.npy")
+    good = np.load(bad)
+    if corruption == "empty_file":
+        open(bad, "wb").close()
+        expected = r"Cannot read .*2\.npy.*expected a NumPy array of shape \(128, 256, 1\)"
+    elif corruption == "truncated":
+        with open(bad, "r+b") as f:
+            f.truncate(os.path.getsize(bad) // 2)
+        expected = r"Cannot read .*2\.npy.*truncated or corrupted"
+    elif corruption == "dtype":
+        np.save(bad, good.astype(np.complex64))
+        expected = rf"{bad}: dtype complex64, expected a real float or integer array"
+    elif corruption == "nan":
+        good[3, 4, 0] = np.nan
+        np.save(bad, good)
+        expected = rf"{bad}: contains NaN or infinite values; expected finite values"
+    else:
+        good = good.astype(np.float32)
+        good[0, 0] = 2.5
+        np.save(bad, good)
+        expected = rf"{bad}: label values \[2\.5\] out of range; expected integers in 0\.\.6"
+    with pytest.raises(ValueError, match=expected):
+        data.make_loader("cityscapes", root, "val", batch_size=1, seed=0, train=False)
+
+
 def test_bad_arguments(nyu_dir):
     with pytest.raises(ValueError, match="Unknown split 'test'"):
         _loader(nyu_dir, "test")

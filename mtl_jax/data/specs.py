@@ -321,17 +321,27 @@ def load_example(name: str, data_dir: str, split: str, index: int) -> dict[str, 
         path = os.path.join(resolve_folder(layout, split_dir, field), f"{index}.npy")
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"Cannot read {path!r} as a .npy array: {e}") from e
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise ValueError(
+                f"Cannot read {path!r} as a .npy array ({type(e).__name__}: {e}); expected a "
+                f"NumPy array of shape {field.shape} for {field.key!r} of dataset {name!r} "
+                "(a truncated or corrupted copy? copy the file again)."
+            ) from e
         if array.shape != field.shape:
             raise ValueError(
                 f"{path}: shape {array.shape}, expected {field.shape} for {field.key!r} of "
                 f"dataset {name!r}." + _where(layout, data_dir)
             )
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise ValueError(f"{path}: dtype {array.dtype} is not numeric.")
+            raise ValueError(
+                f"{path}: dtype {array.dtype}, expected a real float or integer array for "
+                f"{field.key!r} of dataset {name!r}."
+            )
         if not np.all(np.isfinite(array)):
-            raise ValueError(f"{path}: contains NaN or infinite values.")
+            raise ValueError(
+                f"{path}: contains NaN or infinite values; expected finite values for "
+                f"{field.key!r} (invalid pixels are 0 for depth/normal, -1 for labels)."
+            )
         if field.num_classes is None:
             example[field.key] = array.astype(np.float32)
             continue
