@@ -286,12 +286,44 @@ def combine_rows(jac: PyTree, matrix: jax.Array) -> PyTree:
 
 
 def weighted_sum(jac: PyTree, weights: jax.Array) -> PyTree:
-    """``weights @ J``: the gradient-shaped combination ``sum_k weights[k] * J[k]``."""
+    """``weights @ J``: the gradient-shaped combination ``sum_k weights[k] * J[k]``.
+
+    A contraction (a dot), not ``jnp.sum(weights[:, None] * J, axis=0)``: on XLA CPU a
+    reduction over the leading axis of a [40, 4096, 256] leaf is 35-70x slower than the dot.
+    """
 
     def reduce(leaf):
         return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
 
     return jax.tree.map(reduce, jac)
+
+
+def reduce_rows(
+    leaf: jax.Array,
+    fn: Callable[[jax.Array], jax.Array] | None = None,
+    op: Callable[[jax.Array, jax.Array], jax.Array] = jnp.add,
+) -> jax.Array:
+    """``op``-reduction over the task axis of ``fn(row)``: ``fn(J[0]) op ... op fn(J[K-1])``.
+
+    For elementwise reductions across tasks (a sum of absolute values, a maximum) of one
+    Jacobian leaf [K, ...]. Written as a chain of K row slices, which XLA fuses with ``fn`` into
+    a single pass over the leaf: on XLA CPU ``jnp.sum(jnp.abs(x), axis=0)`` over a
+    [40, 4096, 256] leaf took 35x longer, ``jnp.max(x, axis=0)`` 12x. For a plain (weighted) sum
+    use `weighted_sum` (a dot, about twice as fast again).
+
+    Args:
+      leaf: [K, ...] Jacobian leaf.
+      fn: elementwise function applied to each row first (default identity).
+      op: associative binary elementwise reduction (default ``jnp.add``).
+
+    Returns:
+      An array of shape ``leaf.shape[1:]``.
+    """
+    rows = [leaf[k] if fn is None else fn(leaf[k]) for k in range(leaf.shape[0])]
+    out = rows[0]
+    for row in rows[1:]:
+        out = op(out, row)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

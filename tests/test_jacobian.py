@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import mtl_jax as mtl
+from mtl_jax import jacobian as jac_lib
 
 
 def mlp_params(key, sizes=(4, 6, 3)):
@@ -148,6 +149,18 @@ def test_row_helpers():
     np.testing.assert_allclose(comb["a"][0], jac["a"][0] + jac["a"][1])
     ws = mtl.weighted_sum(jac, w)
     np.testing.assert_allclose(ws["a"], jac["a"][0] + 2 * jac["a"][2])
+
+
+def test_reduce_rows_matches_axis_reductions():
+    x = jax.random.normal(jax.random.key(0), (5, 3, 4))
+    np.testing.assert_allclose(jac_lib.reduce_rows(x), jnp.sum(x, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(jac_lib.reduce_rows, static_argnums=1)(x, jnp.abs),
+        jnp.sum(jnp.abs(x), axis=0),
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(jac_lib.reduce_rows(x, op=jnp.maximum), jnp.max(x, axis=0))
+    np.testing.assert_array_equal(jac_lib.reduce_rows(x[:1]), x[0])
 
 
 def test_scalarize_is_weighted_loss_gradient(problem):

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import mtl_jax as mtl
+from mtl_jax.transforms import robust
 
 
 def aggregate(tx, jac):
@@ -75,3 +76,12 @@ def test_trimmed_mean_checks_and_permutation_invariance():
     d = aggregate(mtl.trimmed_mean(2), jac)
     perm = rng.permutation(6)
     np.testing.assert_allclose(aggregate(mtl.trimmed_mean(2), jac[perm]), d, rtol=1e-6)
+
+
+def test_trimmed_mean_rank_is_the_stable_argsort_rank():
+    # The counting rank must place ties (by task index), NaNs (last) and signed zeros exactly as
+    # the double stable argsort it replaces.
+    x = jnp.round(2.0 * jax.random.normal(jax.random.key(0), (7, 5, 3))) / 2.0
+    x = x.at[2, 0, 0].set(jnp.nan).at[5, 0, 0].set(jnp.nan).at[1, 1, 1].set(-0.0)
+    expected = jnp.argsort(jnp.argsort(x, axis=0, stable=True), axis=0, stable=True)
+    np.testing.assert_array_equal(jax.jit(robust._stable_task_rank)(x), expected)

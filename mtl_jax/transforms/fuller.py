@@ -167,7 +167,6 @@ def fuller(
         calib_state = state.calibration_state
         if task_calibration is None:
             weights = fuller_task_weights(g, max_iter, tol)
-            a = jnp.diag(weights)
             calibrated = None
         else:
             block_params = None
@@ -197,6 +196,9 @@ def fuller(
                 out.append(u)
             elif calibrated is not None and last[i]:
                 out.append(calibrated[i].astype(jnp.float32))
+            elif calibrated is None:
+                # A = diag(weights): a row scaling, not a K x K matmul over the whole leaf.
+                out.append(jac_lib.scale_rows(u.astype(jnp.float32), weights))
             else:
                 out.append(
                     jnp.reshape(
@@ -217,8 +219,9 @@ def fuller(
                     groups.setdefault(lab, []).append(i)
             if groups:
                 norms = []
+                ones = jnp.ones((k,), jnp.float32)
                 for idx in groups.values():
-                    sq = sum(jnp.sum(jnp.square(jnp.sum(out[i], axis=0))) for i in idx)
+                    sq = sum(jnp.sum(jnp.square(jac_lib.weighted_sum(out[i], ones))) for i in idx)
                     norms.append(jnp.sqrt(sq))
                 norms_arr = jnp.stack(norms)
                 if magnitude_target == "mean":

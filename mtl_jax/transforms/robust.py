@@ -85,6 +85,30 @@ def krum(n_byzantine: int, n_selected: int = 1) -> optax.GradientTransformationE
     return base.gramian_weighting(lambda g: krum_weights(g, n_byzantine, n_selected))
 
 
+def _sort_lt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a < b`` in the order of ``jnp.sort``: NaN after every number."""
+    return (a < b) | (jnp.isnan(b) & ~jnp.isnan(a))
+
+
+def _stable_task_rank(leaf: jax.Array) -> jax.Array:
+    """Rank of every entry along the task axis, as a stable ascending sort would place it.
+
+    Equals ``argsort(argsort(leaf, axis=0, stable=True), axis=0)``: the number of tasks with a
+    smaller value, plus the number of earlier tasks with an equal one. Counted with one pass
+    over the leaf per task (a ``fori_loop``) because XLA CPU sorts along a leading axis very
+    slowly: the double argsort of a [40, 4096, 256] leaf took 36 s, the count under 4 s.
+    """
+    k = leaf.shape[0]
+    task = jax.lax.broadcasted_iota(jnp.int32, leaf.shape, 0)
+
+    def count(j, rank):
+        row = jax.lax.dynamic_index_in_dim(leaf, j, 0)
+        before = _sort_lt(row, leaf) | (~_sort_lt(leaf, row) & (j < task))
+        return rank + before.astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, k, count, jnp.zeros(leaf.shape, jnp.int32))
+
+
 def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
     """Coordinate-wise trimmed mean of the task gradients.
 
@@ -132,7 +156,7 @@ def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
         n_kept = k - 2 * trim_number
 
         def trim(leaf):
-            rank = jnp.argsort(jnp.argsort(leaf, axis=0, stable=True), axis=0, stable=True)
+            rank = _stable_task_rank(leaf)
             keep = (rank >= trim_number) & (rank < k - trim_number)
             kept = leaf / jnp.asarray(n_kept, leaf.dtype)
             return jnp.where(keep, kept, jnp.zeros((), leaf.dtype))

@@ -373,7 +373,12 @@ def moco(
             raise ValueError("moco: the Jacobian's structure differs from the parameters'.")
         step = state.step + 1
         t = step.astype(jnp.float32)
-        norms = jnp.sqrt(jnp.maximum(jnp.diag(jac_lib.gramian(updates)), 0.0))
+        # Row norms from the rows' squares: the Gramian's diagonal without its K^2 P matmul.
+        sq_norms = sum(
+            jnp.sum(jnp.square(jnp.reshape(leaf, (k, -1)).astype(jnp.float32)), axis=1)
+            for leaf in jax.tree.leaves(updates)
+        )
+        norms = jnp.sqrt(sq_norms)
         scale = _finite_or(losses / (norms + 1e-8), jnp.zeros_like(losses))
         h = jac_lib.scale_rows(updates, scale)
         b = beta / t**beta_sigma
