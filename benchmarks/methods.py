@@ -1,14 +1,24 @@
-"""Cost of each balancing method's update, as a ratio to `sum_tasks` on the same Jacobian.
+"""Cost of each balancing method: in a full training step, and its update alone.
 
-For every method in ``mtl.BALANCERS`` and K in {2, 3, 10, 40}, on a random Jacobian of ~1M
-parameters (leaves shaped like the benchmark CNN's), it times in one process, round-robin:
-``sum_tasks`` alone, and ``chain(method, sum_tasks)``; and, for the K x K part, the method's
-update on a tiny Jacobian with the same K (which is dominated by the K-space solve). It also
-reports the method's cost relative to a full EW training step of the benchmark CNN, which is
-the issue's target (the balancer adds <= 5% to a step at K=40).
+Two measurements per K in {2, 3, 10, 40}, each a ratio of timings taken in one process,
+round-robin (see `common.time_interleaved`):
+
+* **Full step** (issue 9's "own ceiling"): one jitted training step of the benchmark CNN --
+  ``value_and_jacobian`` + ``chain(method, sum_tasks, adam)`` + ``apply_updates`` -- as a ratio
+  to the engine-only step (the same without the method: ``value_and_jacobian`` + ``sum_tasks``
+  + ``adam``, i.e. EW through the Jacobian engine). Target: <= 1.10x at every K. Measured for
+  the issue's method list at every K and for every method at the largest K. Each group of
+  methods is timed together with the engine-only step, so every ratio has its own baseline.
+* **Update alone** (issue 4), at the largest K: ``chain(method, sum_tasks)`` on a random
+  Jacobian of the CNN encoder's shape (1.1M parameters), as a ratio to ``sum_tasks`` alone on
+  the same Jacobian.
+
+Both report the **K-space part**: the same update on a K x 8 Jacobian (Gramian + K x K solve),
+and for the full step its share of the step (target: <= 5% at K=40).
 
     python -m benchmarks.methods
     python -m benchmarks.methods --tasks 10 --methods mgda upgrad --repeats 5
+    python -m benchmarks.methods --no-update-alone --tasks 2 40
 
 Writes ``methods.json`` and ``methods.md`` to ``--out`` (default ``benchmarks/results``).
 """
@@ -17,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +39,20 @@ from benchmarks import common
 
 # The per-method constructor / update arguments of the common method test (one source of truth).
 from tests.test_common_methods import EXTRA_UPDATE_ARGS, INIT_KWARGS
+
+# Issue 9's method list (EW is the engine-only step itself).
+STEP_METHODS = (
+    "mgda",
+    "pcgrad",
+    "cagrad",
+    "nash_mtl",
+    "upgrad",
+    "aligned_mtl",
+    "famo",
+    "uncertainty_weighting",
+)
+ENGINE = "EW (engine only)"
+GROUP_SIZE = 8
 
 
 def build(name: str, k: int) -> optax.GradientTransformationExtraArgs:
@@ -44,93 +70,253 @@ def random_jacobian(k: int, params, key) -> dict:
     return jax.tree.unflatten(treedef, rows)
 
 
-def run(tasks: list[int], methods: list[str], repeats: int) -> dict:
+def _extra(name: str, k: int) -> dict:
+    return EXTRA_UPDATE_ARGS[name](k, 0) if name in EXTRA_UPDATE_ARGS else {}
+
+
+def _chain(name: str, k: int, *tail: optax.GradientTransformation):
+    if name in ("sum_tasks", ENGINE):
+        return optax.chain(mtl.sum_tasks(), *tail)
+    return optax.chain(build(name, k), mtl.sum_tasks(), *tail)
+
+
+def update_fn(name: str, k: int, losses: jax.Array):
+    """Jitted ``chain(method, sum_tasks)`` update of a Jacobian (state from init)."""
+    tx = _chain(name, k)
+
+    def call(jac):
+        state = tx.init(jax.tree.map(lambda x: x[0], jac))
+        return tx.update(jac, state, None, task_losses=losses, **_extra(name, k))[0]
+
+    return jax.jit(call)
+
+
+def step_fn(name: str, k: int):
+    """Jitted full training step: value_and_jacobian + chain(method, sum_tasks, adam)."""
+    tx = _chain(name, k, optax.adam(1e-3))
+    vj = mtl.value_and_jacobian(common.task_losses)
+
+    def step(params, opt_state, batch):
+        losses, jac = vj(params, batch)
+        updates, opt_state = tx.update(
+            jac, opt_state, params, task_losses=losses, **_extra(name, k)
+        )
+        return optax.apply_updates(params, updates), opt_state
+
+    return tx, jax.jit(step)
+
+
+def grad_step_fn():
+    """Jitted EW step without the engine: jax.grad of the summed losses + adam."""
+    tx = optax.adam(1e-3)
+
+    def step(params, opt_state, batch):
+        grads = jax.grad(lambda p: jnp.sum(common.task_losses(p, batch)))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return tx, jax.jit(step)
+
+
+def kspace_times(names: list[str], k: int, losses: jax.Array, repeats: int) -> dict[str, float]:
+    tiny = {"w": jax.random.normal(jax.random.key(2), (k, 8))}
+    fns = {name: update_fn(name, k, losses) for name in names}
+    return common.time_interleaved(fns, (tiny,), repeats)
+
+
+def full_steps(names: list[str], k: int, repeats: int) -> tuple[dict, dict]:
+    """Median step times (s) of every method and of the engine-only step it was timed with."""
+    params = common.init_hps_cnn(jax.random.key(0), k)
+    batch = common.make_batch(jax.random.key(3), k)
+    times, baselines = {}, {}
+    engine_tx, engine = step_fn(ENGINE, k)
+    engine_state = engine_tx.init(params)
+    grad_tx, grad = grad_step_fn()
+    grad_state = grad_tx.init(params)
+    groups = [names[i : i + GROUP_SIZE] for i in range(0, len(names), GROUP_SIZE)] or [[]]
+    for g, group in enumerate(groups):
+        fns = {ENGINE: lambda: engine(params, engine_state, batch)}
+        if g == 0:
+            fns["EW (jax.grad, no engine)"] = lambda: grad(params, grad_state, batch)
+        for name in group:
+            tx, step = step_fn(name, k)
+            state = tx.init(params)
+            fns[name] = lambda s=step, st=state: s(params, st, batch)
+        t = common.time_interleaved(fns, (), repeats, warmup=1)
+        for name in group:
+            times[name], baselines[name] = t[name], t[ENGINE]
+        if g == 0:
+            times[ENGINE] = t[ENGINE]
+            times["EW (jax.grad, no engine)"] = t["EW (jax.grad, no engine)"]
+        print(f"K={k:3d} steps: " + ", ".join(f"{n} {v * 1e3:.0f} ms" for n, v in t.items()))
+    return times, baselines
+
+
+def run(
+    tasks: list[int],
+    methods: list[str],
+    repeats: int,
+    update_alone: bool = True,
+    step_all_at_max: bool = True,
+    steps: bool = True,
+) -> dict:
     results = {"machine": common.machine_description(), "rows": []}
     for k in tasks:
-        encoder = common.init_hps_cnn(jax.random.key(0), k)["encoder"]
-        jac = random_jacobian(k, encoder, jax.random.key(1))
-        tiny = {"w": jax.random.normal(jax.random.key(2), (k, 8))}
         losses = jnp.linspace(1.0, 2.0, k)
-        batch = common.make_batch(jax.random.key(3), k)
-        params = common.init_hps_cnn(jax.random.key(0), k)
-        ew_step = jax.jit(jax.grad(lambda p, b: jnp.sum(common.task_losses(p, b))))
+        step_names = [m for m in STEP_METHODS if m in methods]
+        if step_all_at_max and k == max(tasks):
+            step_names += [m for m in methods if m not in step_names]
+        alone_names = methods if update_alone and k == max(tasks) else []
+        kspace = kspace_times(sorted(set(step_names) | set(alone_names)), k, losses, repeats)
+        row = {"num_tasks": k}
 
-        fns, tiny_fns = {}, {}
-        for name in ["sum_tasks"] + methods:
-            if name == "sum_tasks":
-                tx = mtl.sum_tasks()
-            else:
-                tx = optax.chain(build(name, k), mtl.sum_tasks())
-
-            def call(j, tx=tx, name=name):
-                state = tx.init(jax.tree.map(lambda x: x[0], j))
-                extra = EXTRA_UPDATE_ARGS[name](k, 0) if name in EXTRA_UPDATE_ARGS else {}
-                return tx.update(j, state, None, task_losses=losses, **extra)[0]
-
-            fns[name] = jax.jit(call)
-            tiny_fns[name] = jax.jit(call)
-        times = common.time_interleaved(
-            {**fns, "EW training step": lambda j: ew_step(params, batch)}, (jac,), repeats
-        )
-        tiny_times = common.time_interleaved(tiny_fns, (tiny,), repeats)
-        base, step = times["sum_tasks"], times["EW training step"]
-        row = {
-            "num_tasks": k,
-            "num_params": common.num_params(encoder),
-            "sum_tasks_ms": base * 1e3,
-            "ew_step_ms": step * 1e3,
-            "methods": {
-                name: {
-                    "ms": times[name] * 1e3,
-                    "ratio_to_sum_tasks": times[name] / base,
-                    "added_fraction_of_ew_step": (times[name] - base) / step,
-                    "kspace_ms": tiny_times[name] * 1e3,
-                }
-                for name in methods
-            },
+        if not steps:
+            step_names = []
+        times, baselines = full_steps(step_names, k, repeats) if steps else ({}, {})
+        engine = times.get(ENGINE, float("nan"))
+        row["engine_step_ms"] = engine * 1e3
+        row["grad_step_ms"] = times.get("EW (jax.grad, no engine)", float("nan")) * 1e3
+        row["steps"] = {
+            name: {
+                "ms": times[name] * 1e3,
+                "ratio_to_engine_step": times[name] / baselines[name],
+                "kspace_ms": kspace[name] * 1e3,
+                "kspace_fraction_of_step": kspace[name] / times[name],
+            }
+            for name in step_names
         }
-        results["rows"].append(row)
-        for name, r in row["methods"].items():
+        for name, r in row["steps"].items():
             print(
-                f"K={k:3d} {name:24s} {r['ratio_to_sum_tasks']:7.2f}x sum_tasks  "
-                f"K-space {r['kspace_ms']:8.3f} ms",
+                f"K={k:3d} {name:24s} step {r['ratio_to_engine_step']:6.3f}x engine-only  "
+                f"K-space {100 * r['kspace_fraction_of_step']:6.2f}% of the step",
                 flush=True,
             )
+
+        if alone_names:
+            encoder = common.init_hps_cnn(jax.random.key(0), k)["encoder"]
+            jac = random_jacobian(k, encoder, jax.random.key(1))
+            fns = {name: update_fn(name, k, losses) for name in ["sum_tasks"] + alone_names}
+            t = common.time_interleaved(fns, (jac,), repeats)
+            base = t["sum_tasks"]
+            row["num_params"] = common.num_params(encoder)
+            row["sum_tasks_ms"] = base * 1e3
+            row["methods"] = {
+                name: {
+                    "ms": t[name] * 1e3,
+                    "ratio_to_sum_tasks": t[name] / base,
+                    "added_fraction_of_engine_step": (t[name] - base) / engine,
+                    "kspace_ms": kspace[name] * 1e3,
+                }
+                for name in alone_names
+            }
+            for name, r in row["methods"].items():
+                print(
+                    f"K={k:3d} {name:24s} update {r['ratio_to_sum_tasks']:7.2f}x sum_tasks",
+                    flush=True,
+                )
+        results["rows"].append(row)
     return results
+
+
+def merge_rows(path: str, results: dict) -> dict:
+    """``results`` plus the rows of ``path`` (an earlier output) for the K it did not measure."""
+    if not os.path.exists(path):
+        return results
+    with open(path) as f:
+        old = json.load(f)
+    new_k = {r["num_tasks"] for r in results["rows"]}
+    rows = [r for r in old["rows"] if r["num_tasks"] not in new_k] + results["rows"]
+    machines = old.get("machines", [old["machine"]]) + [results["machine"]]
+    return {
+        "machine": results["machine"],
+        "machines": machines,
+        "rows": sorted(rows, key=lambda r: r["num_tasks"]),
+    }
 
 
 def to_markdown(results: dict) -> str:
     rows = results["rows"]
-    methods = list(rows[0]["methods"])
-    header = ["method"] + [f"K={r['num_tasks']}" for r in rows]
-    body = []
-    for name in methods:
-        cells = []
-        for r in rows:
-            m = r["methods"][name]
-            cells.append(f"{m['ratio_to_sum_tasks']:.2f}x / {m['kspace_ms']:.2f} ms")
-        body.append([name] + cells)
-    body.append(["sum_tasks time"] + [f"{r['sum_tasks_ms']:.2f} ms" for r in rows])
-    body.append(["EW training step"] + [f"{r['ew_step_ms']:.1f} ms" for r in rows])
     m = results["machine"]
-    note = (
-        "Each cell: time of `chain(method, sum_tasks)` as a ratio to `sum_tasks` on the same "
-        f"random Jacobian ({rows[0]['num_params'] / 1e6:.2f}M parameters) / time of the same "
-        "update on a K x 8 Jacobian (the K-space part: Gramian + solve). "
-        f"backend={m['backend']}, {m['cpu_count']} CPUs, jax {m['jax']}, {m['date']}.\n\n"
-    )
-    return note + common.markdown_table(header, body)
+    out = []
+    header = ["method"] + [f"K={r['num_tasks']}" for r in rows]
+    names = list(dict.fromkeys(n for r in rows for n in r["steps"]))
+    if names:
+        body = []
+        for name in names:
+            cells = []
+            for r in rows:
+                s = r["steps"].get(name)
+                if s is None:
+                    cells.append("-")
+                    continue
+                share = 100 * s["kspace_fraction_of_step"]
+                cells.append(f"{s['ratio_to_engine_step']:.3f}x / {share:.2f}%")
+            body.append([name] + cells)
+        body.append(["engine-only step (EW)"] + [f"{r['engine_step_ms']:.0f} ms" for r in rows])
+        body.append(
+            ["engine-only / jax.grad EW step"]
+            + [f"{r['engine_step_ms'] / r['grad_step_ms']:.2f}x" for r in rows]
+        )
+        out.append(
+            "Full training step of the benchmark CNN (value_and_jacobian + method + sum_tasks + "
+            "adam) as a ratio to the engine-only step (value_and_jacobian + sum_tasks + adam), "
+            "timed in the same round-robin / the K-space part (the method's update on a K x 8 "
+            "Jacobian: Gramian + solve) as a share of the step. "
+            f"backend={m['backend']}, {m['cpu_count']} CPUs, jax {m['jax']}, {m['date']}.\n\n"
+            + common.markdown_table(header, body)
+        )
+    alone = [r for r in rows if "methods" in r]
+    if alone:
+        header = ["method"] + [f"K={r['num_tasks']}" for r in alone]
+        body = []
+        for name in alone[0]["methods"]:
+            cells = [
+                f"{r['methods'][name]['ratio_to_sum_tasks']:.2f}x / "
+                f"{r['methods'][name]['kspace_ms']:.2f} ms"
+                for r in alone
+            ]
+            body.append([name] + cells)
+        body.append(["sum_tasks time"] + [f"{r['sum_tasks_ms']:.2f} ms" for r in alone])
+        out.append(
+            "Update alone: time of `chain(method, sum_tasks)` as a ratio to `sum_tasks` on the "
+            f"same random Jacobian ({alone[0]['num_params'] / 1e6:.2f}M parameters) / time of "
+            "the same update on a K x 8 Jacobian (the K-space part).\n\n"
+            + common.markdown_table(header, body)
+        )
+    return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 10, 40])
     parser.add_argument("--methods", nargs="+", default=None)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--no-update-alone",
+        dest="update_alone",
+        action="store_false",
+        help="skip the update-alone measurement",
+    )
+    parser.add_argument(
+        "--issue-methods-only",
+        dest="step_all",
+        action="store_false",
+        help="full steps for issue 9's list only (by default every method at the largest K)",
+    )
+    parser.add_argument(
+        "--no-steps", dest="steps", action="store_false", help="skip the full-step measurement"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of other K already in <out>/methods.json (re-measure some K only)",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     methods = args.methods or [m for m in mtl.BALANCERS if m != "scalarize"]
-    results = run(args.tasks, methods, args.repeats)
+    results = run(args.tasks, methods, args.repeats, args.update_alone, args.step_all, args.steps)
+    if args.merge:
+        results = merge_rows(os.path.join(args.out, "methods.json"), results)
     table = to_markdown(results)
     paths = common.write_outputs("methods", args.out, results, table)
     print(table)
