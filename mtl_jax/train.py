@@ -30,6 +30,11 @@ follow their parameters (`mtl_jax.sharding.mirror_shardings`), Jacobian leaves f
 parameter's sharding behind an unsharded task axis, everything else (step, BatchNorm statistics
 of the global batch, K-vectors) is replicated. The train step is one ``jax.jit`` with these
 in/out shardings and the state donated.
+
+Failure handling (README "Failure handling"): `validate_config` rejects a bad config before
+anything is built; a step with a non-finite task loss, Jacobian row or new state is skipped
+inside jit and counted (`NonFiniteError` after ``config.max_consecutive_bad_steps`` in a row);
+checkpoints are never written with non-finite values; ``results.json`` is written atomically.
 """
 
 from __future__ import annotations
@@ -689,11 +694,10 @@ def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 def _save(mngr, state, meta) -> None:
     step = int(jax.device_get(state["step"]))
     if not bool(jax.device_get(_all_finite(state))):  # never write a NaN checkpoint
-        flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
         bad = [
             jax.tree_util.keystr(path)
-            for path, x in flat
-            if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.all(np.isfinite(x))
+            for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+            if not bool(jax.device_get(_all_finite(x)))
         ]
         raise NonFiniteError(
             f"Refusing to save the checkpoint of step {step}: non-finite values in "
