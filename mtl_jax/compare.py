@@ -216,7 +216,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, np.float64)
     if arr.size == 0:
         return math.nan, math.nan
-    return float(np.mean(arr)), float(np.std(arr, ddof=1)) if arr.size > 1 else 0.0
+    return float(np.mean(arr)), float(np.std(arr, ddof=1)) if arr.size > 1 else math.nan
 
 
 def summarize(
@@ -235,7 +235,8 @@ def summarize(
 
     Returns:
       Rows sorted by mean delta_m (lower is better; methods without results last), each with
-      ``method``, ``seeds``, ``metrics`` (key -> [mean, std]), ``delta_m`` ([mean, std], in %),
+      ``method``, ``seeds``, ``metrics`` (key -> [mean, std]), ``delta_m`` ([mean, std], in %;
+      std NaN for one seed),
       ``step_time_s``, ``step_time_vs_ew``, ``vs_ew`` (``'beats ew'`` / ``'loses to ew'``,
       ``' (within noise)'`` appended when the difference is within the larger of the two
       standard deviations) and ``failed`` (error messages).
@@ -270,7 +271,8 @@ def summarize(
         if ew and row is not ew and not math.isnan(row["delta_m"][0]):
             diff = row["delta_m"][0] - ew["delta_m"][0]
             row["vs_ew"] = "beats ew" if diff < 0 else "loses to ew"
-            if abs(diff) <= max(row["delta_m"][1], ew["delta_m"][1]):
+            stds = [x for x in (row["delta_m"][1], ew["delta_m"][1]) if not math.isnan(x)]
+            if abs(diff) <= max(stds, default=0.0):
                 row["vs_ew"] += " (within noise)"
     return sorted(rows, key=lambda r: (math.isnan(r["delta_m"][0]), r["delta_m"][0]))
 
@@ -278,6 +280,8 @@ def summarize(
 def _pm(mean: float, std: float, digits: int) -> str:
     if math.isnan(mean):
         return "n/a"
+    if math.isnan(std):  # one seed
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 

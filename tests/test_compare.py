@@ -129,6 +129,13 @@ def test_within_noise_is_flagged():
     }
     rows = {r["method"]: r for r in compare.summarize(runs, baseline, HIB)}
     assert rows["m"]["vs_ew"] == "loses to ew (within noise)"
+    # One seed: no std; the noise test uses ew's alone.
+    runs["one"] = [fake_results(0.85, 1.0)]  # delta_m 7.5
+    rows = {r["method"]: r for r in compare.summarize(runs, baseline, HIB)}
+    assert math.isnan(rows["one"]["delta_m"][1])
+    assert rows["one"]["vs_ew"] == "beats ew (within noise)"  # 7.5 vs 10 +- 7.1
+    table = compare.format_table(list(rows.values()), baseline, HIB)
+    assert "| one | 0.850 | 1.000 | 7.50 |" in table
 
 
 def test_plots_are_written(tmp_path):
