@@ -95,8 +95,9 @@ def _stable_task_rank(leaf: jax.Array) -> jax.Array:
 
     Equals ``argsort(argsort(leaf, axis=0, stable=True), axis=0)``: the number of tasks with a
     smaller value, plus the number of earlier tasks with an equal one. Counted with one pass
-    over the leaf per task (a ``fori_loop``) because XLA CPU sorts along a leading axis very
-    slowly: the double argsort of a [40, 4096, 256] leaf took 36 s, the count under 4 s.
+    over the leaf per task because XLA CPU sorts along a leading axis very slowly: the double
+    argsort of a [40, 4096, 256] leaf took 36 s, the count unrolled over the tasks 3.7 s. The
+    ``fori_loop`` here was ~1.6x slower than unrolling at K=20 but compiles in constant time.
     """
     k = leaf.shape[0]
     task = jax.lax.broadcasted_iota(jnp.int32, leaf.shape, 0)
