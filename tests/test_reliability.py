@@ -406,11 +406,18 @@ def _run_and_kill(workdir, mode, rng, env):
     triggered = None
     while proc.poll() is None and time.time() < deadline:
         names = os.listdir(ckpt) if os.path.isdir(ckpt) else []
-        if mode == "during_save" and any(
-            "orbax-checkpoint-tmp" in n and int(n.split(".")[0]) not in before for n in names
+        new_steps = set(_finalized_steps(ckpt)) - before
+        # during_save: once this run has completed a checkpoint, kill while the next one is
+        # being written (a complete one to resume from, a half-written one to ignore).
+        if (
+            mode == "during_save"
+            and new_steps
+            and any(
+                "orbax-checkpoint-tmp" in n and int(n.split(".")[0]) > max(new_steps) for n in names
+            )
         ):
             break
-        if mode == "random" and set(_finalized_steps(ckpt)) - before:
+        if mode == "random" and new_steps:
             triggered = triggered or time.time()
             if time.time() - triggered >= delay:
                 break
