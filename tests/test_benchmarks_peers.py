@@ -22,6 +22,7 @@ def _finite_and_moved(new, old) -> None:
     assert any(not np.allclose(a, b) for a, b in zip(new_leaves, old_leaves, strict=True))
 
 
+@pytest.mark.slow  # three compilations (~40 s here); the tiny run below covers the JAX side
 def test_our_steps_train():
     k = 3
     params = common.init_hps_cnn(jax.random.key(0), k, width=4, hidden=8)
