@@ -50,7 +50,9 @@ from mtl_jax.transforms.flat import f_mtl, f_mtl_value_and_jacobian
 from mtl_jax.transforms.fuller import fuller, fuller_task_weights
 from mtl_jax.transforms.graddrop import graddrop
 from mtl_jax.transforms.gradnorm import (
+    dense_grad_norms,
     gradnorm,
+    gradnorm_dense_value_and_grad,
     gradnorm_value_and_grad,
     gradnorm_weighting,
     task_grad_norms,
@@ -212,6 +214,8 @@ __all__ = [
     "gradnorm",
     "gradnorm_weighting",
     "gradnorm_value_and_grad",
+    "gradnorm_dense_value_and_grad",
+    "dense_grad_norms",
     "imtl_l",
     "imtl_l_weighting",
     "rlw",

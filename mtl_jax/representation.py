@@ -107,16 +107,68 @@ def representation_value_and_grad(
     """
     pass_losses = _accepts_task_losses(weight_fn)
 
+    def weigh(rep_jac, _, losses):
+        gram = jac_lib.gramian(rep_jac)
+        weights = weight_fn(gram, task_losses=losses) if pass_losses else weight_fn(gram)
+        return weights, gram
+
+    def features(params, *args):
+        return features_fn(params, *args), None
+
+    split = split_value_and_grad(
+        features,
+        loss_fn,
+        weigh,
+        has_aux=has_aux,
+        strategy=strategy,
+        chunk_size=chunk_size,
+        name="representation_value_and_grad",
+        weights_from="weight_fn",
+    )
+
     def step(params: PyTree, *args: Any) -> RepresentationStep:
-        feats, enc_vjp = jax.vjp(lambda p: features_fn(p, *args), params)
+        losses, weights, grads, gram, aux = split(params, *args)
+        return RepresentationStep(losses, weights, grads, gram, aux)
+
+    return step
+
+
+def split_value_and_grad(
+    features_fn: Callable[..., tuple[PyTree, Any]],
+    loss_fn: Callable[..., Any],
+    weigh: Callable[[PyTree, Any, jax.Array], tuple[jax.Array, Any]],
+    *,
+    has_aux: bool,
+    strategy: jac_lib.Strategy,
+    chunk_size: int | None,
+    name: str,
+    weights_from: str,
+) -> Callable[..., tuple[jax.Array, jax.Array, PyTree, Any, Any]]:
+    """The engine of the split-model paths: weights from a cut's Jacobian, then one backward.
+
+    Shared by `representation_value_and_grad` and `mtl.gradnorm_dense_value_and_grad`.
+    ``step(params, *args)`` runs ``(z, side) = features_fn(params, *args)`` and
+    ``loss_fn(params, z, *args)`` once each (kept for their VJPs), takes the Jacobian
+    ``dL_k/dz`` with K backward passes through ``loss_fn`` only, calls
+    ``weigh(jac_z, side, stop_gradient(losses)) -> (weights [K], extra)`` and back-propagates
+    ``sum_k w_k L_k`` once through both functions. ``side`` (e.g. the input of a layer inside
+    ``features_fn``) is not differentiated.
+
+    Returns:
+      ``step(params, *args) -> (losses, weights, grads, extra, aux)``; ``name`` and
+      ``weights_from`` (what produced the weights) label its errors.
+    """
+
+    def step(params: PyTree, *args: Any):
+        feats, enc_vjp, side = jax.vjp(lambda p: features_fn(p, *args), params, has_aux=True)
 
         def heads(p, z):
             out = loss_fn(p, z, *args)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise ValueError(
-                        "representation_value_and_grad(has_aux=True): loss_fn must return "
-                        f"(losses, aux); got {type(out).__name__}."
+                        f"{name}(has_aux=True): loss_fn must return (losses, aux); got "
+                        f"{type(out).__name__}."
                     )
                 losses, aux = out
             else:
@@ -129,20 +181,15 @@ def representation_value_and_grad(
         rep_jac = jac_lib.jacobian_rows(
             lambda ct: head_vjp(ct)[1], k, losses.dtype, strategy, chunk_size
         )
-        gram = jac_lib.gramian(rep_jac)
-        if pass_losses:
-            weights = weight_fn(gram, task_losses=jax.lax.stop_gradient(losses))
-        else:
-            weights = weight_fn(gram)
+        weights, extra = weigh(rep_jac, side, jax.lax.stop_gradient(losses))
         weights = jax.lax.stop_gradient(jnp.asarray(weights))
         if weights.shape != (k,):
             raise ValueError(
-                f"representation_value_and_grad: weight_fn returned shape {weights.shape}, "
-                f"expected ({k},)."
+                f"{name}: {weights_from} returned shape {weights.shape}, expected ({k},)."
             )
         g_heads, g_feats = head_vjp(weights.astype(losses.dtype))
         (g_enc,) = enc_vjp(g_feats)
         grads = jax.tree.map(jnp.add, g_heads, g_enc)
-        return RepresentationStep(losses, weights, grads, gram, aux)
+        return losses, weights, grads, extra, aux
 
     return step

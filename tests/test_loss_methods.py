@@ -552,6 +552,141 @@ def test_gradnorm_one_backward_path_equals_masked_transform():
         params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grad)
 
 
+def random_dense_model(rng, batch_shape, d_in, d_out, k, bias=True):
+    """A random dense layer ``y = x W (+ b)`` under nonlinear heads; and its (W, b) Jacobian."""
+    x = jnp.asarray(rng.normal(size=(*batch_shape, d_in)), jnp.float32)
+    dense = {"w": jnp.asarray(rng.normal(size=(d_in, d_out)), jnp.float32)}
+    if bias:
+        dense["b"] = jnp.asarray(rng.normal(size=(d_out,)), jnp.float32)
+    heads = jnp.asarray(rng.normal(size=(k, d_out)), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, size=k), jnp.float32)
+
+    def heads_fn(y):
+        flat = jnp.reshape(jnp.tanh(y), (-1, d_out))
+        return scale * jnp.mean((flat @ heads.T - 0.3) ** 2, axis=0)
+
+    def dense_fn(d):
+        y = x @ d["w"]
+        return y + d["b"] if bias else y
+
+    y = dense_fn(dense)
+    losses, vjp = jax.vjp(heads_fn, y)
+    cotangents = mtl.jacobian_rows(lambda ct: vjp(ct)[0], k, losses.dtype)  # [K, *y.shape]
+    _, jac = mtl.value_and_jacobian(lambda d: heads_fn(dense_fn(d)))(dense)
+    return x, cotangents, jac
+
+
+@pytest.mark.parametrize(
+    "batch_shape, d_in, d_out, k, bias",
+    [
+        ((4,), 16, 8, 3, True),  # N^2 (in + K out) < K N in out: the B x B Gram products
+        ((4,), 16, 8, 3, False),
+        ((2, 3), 16, 8, 3, True),  # [B, T, in], Gram products
+        ((3, 20), 4, 3, 2, True),  # [B, T, in] with N = 60 > in x out: outer products
+        ((5,), 6, 5, 1, False),  # K = 1, outer products
+    ],
+)
+def test_dense_grad_norms_equal_the_dense_layer_jacobian_norms(batch_shape, d_in, d_out, k, bias):
+    rng = np.random.default_rng(sum(batch_shape) + d_in + k)
+    x, cotangents, jac = random_dense_model(rng, batch_shape, d_in, d_out, k, bias)
+    got = jax.jit(mtl.dense_grad_norms, static_argnums=2)(x, cotangents, bias)
+    assert got.shape == (k,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, mtl.task_grad_norms(jac), rtol=1e-5)
+    if bias:  # the bias term is really there: dropping it gives the kernel's norms only
+        np.testing.assert_allclose(
+            mtl.dense_grad_norms(x, cotangents, bias=False),
+            mtl.task_grad_norms(jac, {"w": True, "b": False}),
+            rtol=1e-5,
+        )
+
+
+def test_dense_grad_norms_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"same batch dims; got inputs \(8, 5\)"):
+        mtl.dense_grad_norms(jnp.ones((8, 5)), jnp.ones((3, 7, 2)))
+    with pytest.raises(ValueError, match="output_cotangents \\[K, ..., out\\]"):
+        mtl.dense_grad_norms(jnp.ones((8, 5)), jnp.ones((8, 2)))  # no task axis
+
+
+def dense_split_model(rng, batch_shape, bias):
+    """A small model split at its dense last shared layer, as the dense path wants it."""
+    d_in, hidden, d_out = 4, 6, 5
+    params = {
+        "enc": {
+            "first": jnp.asarray(rng.normal(size=(d_in, hidden)), jnp.float32),
+            "dense": {"w": jnp.asarray(rng.normal(size=(hidden, d_out)) / 2, jnp.float32)},
+        },
+        "heads": jnp.asarray(rng.normal(size=(d_out, 3)), jnp.float32),
+    }
+    if bias:
+        params["enc"]["dense"]["b"] = jnp.asarray(rng.normal(size=(d_out,)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(*batch_shape, d_in)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(*batch_shape, 3)), jnp.float32)
+    scale = jnp.array([1.0, 4.0, 0.25])
+
+    def inputs_fn(p, x, target):
+        return jnp.tanh(x @ p["enc"]["first"])
+
+    def dense_fn(p):
+        return p["enc"]["dense"]["w"], p["enc"]["dense"].get("b")
+
+    def heads_fn(p, y, x, target):
+        err = (jnp.tanh(y) @ p["heads"] - target).reshape(-1, 3)
+        losses = jnp.mean(err**2, axis=0) * scale
+        return losses, {"mean": jnp.mean(losses)}
+
+    def loss_fn(p, x, target):
+        kernel, b = dense_fn(p)
+        y = inputs_fn(p, x, target) @ kernel
+        return heads_fn(p, y if b is None else y + b, x, target)
+
+    return params, (x, target), (inputs_fn, dense_fn, heads_fn), loss_fn
+
+
+@pytest.mark.parametrize("batch_shape, bias", [((16,), True), ((4, 5), False)])
+def test_gradnorm_dense_path_equals_mask_jacobian_path(batch_shape, bias):
+    params, args, (inputs_fn, dense_fn, heads_fn), loss_fn = dense_split_model(
+        np.random.default_rng(2), batch_shape, bias
+    )
+    mask = {"enc": {"first": False, "dense": True}, "heads": False}
+    lw = mtl.gradnorm_weighting(3, optimizer=optax.sgd(0.5))
+    fast = jax.jit(
+        mtl.gradnorm_dense_value_and_grad(inputs_fn, dense_fn, heads_fn, lw, has_aux=True)
+    )
+    slow = jax.jit(mtl.gradnorm_value_and_grad(loss_fn, lw, mask, has_aux=True))
+    fast_state = slow_state = lw.init()
+    for t in range(6):
+        epoch = t // 2  # epoch 0 (two calls) records L(0), GradNorm acts from epoch 1
+        (losses, w, fast_state, aux), grads = fast(fast_state, params, *args, epoch=epoch)
+        (losses2, w2, slow_state, aux2), grads2 = slow(slow_state, params, *args, epoch=epoch)
+        np.testing.assert_allclose(losses, losses2, rtol=1e-6)
+        np.testing.assert_allclose(aux["mean"], aux2["mean"], rtol=1e-6)
+        np.testing.assert_allclose(w, w2, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(fast_state), jax.tree.leaves(slow_state), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+        if t >= 3:  # epoch 0: EW; from epoch 1 on the learned weights move
+            assert not np.allclose(np.asarray(w), 1.0)
+        params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+
+
+def test_gradnorm_dense_path_rejects_a_layer_of_the_wrong_shape():
+    params, args, (inputs_fn, dense_fn, heads_fn), _ = dense_split_model(
+        np.random.default_rng(3), (8,), True
+    )
+    lw = mtl.gradnorm_weighting(3)
+    transposed = mtl.gradnorm_dense_value_and_grad(
+        inputs_fn, lambda p: (dense_fn(p)[0].T, dense_fn(p)[1]), heads_fn, lw, has_aux=True
+    )
+    with pytest.raises(ValueError, match=r"got x \(8, 6\), kernel \(5, 6\), bias \(5,\)"):
+        transposed(lw.init(), params, *args)
+    bad_bias = mtl.gradnorm_dense_value_and_grad(
+        inputs_fn, lambda p: (dense_fn(p)[0], jnp.zeros(6)), heads_fn, lw, has_aux=True
+    )
+    with pytest.raises(ValueError, match=r"bias \[out\] or None\); got .* bias \(6,\)"):
+        bad_bias(lw.init(), params, *args)
+
+
 # ---------------------------------------------------------------------------------------------
 # ExcessMTL -- TorchJD 0.18 aggregation/_excess_mtl.py (ExcessMTLWeighting): S += J^2,
 # e_k = sum J_k^2 / sqrt(S_k + 1e-7); warm-up calls keep w = 1/K and sum e; the first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax import jacobian as jac_lib
+from mtl_jax.representation import split_value_and_grad
 from mtl_jax.transforms import base
 from mtl_jax.transforms.loss_base import LossWeighting, _checked_update, weighted_value_and_grad
 from mtl_jax.transforms.loss_weighting import (
@@ -164,10 +166,10 @@ def gradnorm(
     shared parameters: use it inside `shared_only`); the paper's choice is the last shared
     layer, which is also far cheaper in the one-backward path: pass a mask selecting it.
 
-    Loss-only path: ``mtl.weighted_value_and_grad(loss_fn, mtl.gradnorm_weighting(K))`` with
-    ``grad_norms=`` the per-task gradient norms of that layer (K backward passes through the
-    heads only, e.g. `mtl.value_and_jacobian` w.r.t. the last shared layer's parameters, then
-    `task_grad_norms`); it cannot get them from the losses alone.
+    Loss-only path (one backward pass of the weighted loss, no full Jacobian):
+    `gradnorm_dense_value_and_grad` when the last shared layer is dense (norms from two
+    B x B Gram matrices, about the cost of an equal-weight step), else
+    `gradnorm_value_and_grad` (norms from a Jacobian w.r.t. the masked parameters).
 
     Args:
       num_tasks: K.
@@ -230,7 +232,10 @@ def gradnorm_value_and_grad(
     "last shared layer") come from a per-task Jacobian w.r.t. those parameters only, which
     back-propagates through the layers above them only (for the last shared layer: the task
     heads); the model gradient is then ``weighted_value_and_grad``'s single backward pass.
-    Inside one ``jit`` XLA shares the two identical forward passes.
+    Inside one ``jit`` XLA shares the two identical forward passes. The Jacobian costs K outer
+    products of the layer's size; when the subset is one dense layer,
+    `gradnorm_dense_value_and_grad` gets the same norms from two B x B Gram matrices instead
+    (about the cost of an equal-weight step).
 
     Args:
       fun: returns per-task losses [K] (or ``(losses, aux)`` with ``has_aux``).
@@ -276,3 +281,163 @@ def gradnorm_value_and_grad(
         return vg(state, *args, grad_norms=norms, **extra_args)
 
     return wrapped
+
+
+def dense_grad_norms(
+    inputs: jax.Array, output_cotangents: jax.Array, bias: bool = True
+) -> jax.Array:
+    """Per-task gradient norms of a dense layer's parameters without forming its Jacobian.
+
+    For ``y = x @ W + b`` (``x`` [..., in], ``W`` [in, out]) and ``g_k = dL_k/dy``, task k's
+    gradient is ``(x^T g_k, sum g_k)`` over the flattened batch dims (N rows), so::
+
+        ||dL_k/dW||^2 = <x x^T, g_k g_k^T>_F        ||dL_k/db||^2 = ||sum_n g_k[n]||^2
+
+    which costs two N x N Gram products instead of K outer products of size in x out. When
+    the outer products are cheaper (N^2 (in + K out) > K N in out, e.g. long sequences) they
+    are used instead; the choice is static (from the shapes). Products run at
+    ``Precision.HIGHEST`` and accumulate in float32.
+
+    Args:
+      inputs: ``x``, the layer's input, [..., in] (leading batch dims, e.g. [B, in] or
+        [B, T, in], are flattened).
+      output_cotangents: ``g``, the K rows of the Jacobian of the losses w.r.t. the layer's
+        output ``y``, [K, ..., out] with the same batch dims as ``inputs`` (e.g.
+        `mtl.jacobian_rows` of the heads' VJP).
+      bias: whether the layer has a bias ``b`` (its norm is included).
+
+    Returns:
+      [K] float32 norms, equal to `task_grad_norms` of the per-task Jacobian w.r.t. ``(W, b)``.
+
+    Example:
+      >>> x, g = jnp.ones((8, 5)), jnp.ones((3, 8, 2))
+      >>> mtl.dense_grad_norms(x, g).shape
+      (3,)
+
+    References:
+      Chen et al. GradNorm. ICML 2018 (norms over the last shared layer).
+      Goodfellow. Efficient Per-Example Gradient Computations. arXiv:1510.01799, 2015 (the
+      same Gram identity for per-example gradient norms of a dense layer).
+    """
+    x, g = jnp.asarray(inputs), jnp.asarray(output_cotangents)
+    if x.ndim < 1 or g.ndim != x.ndim + 1 or g.shape[1:-1] != x.shape[:-1]:
+        raise ValueError(
+            "dense_grad_norms: expected inputs [..., in] and output_cotangents [K, ..., out] with "
+            f"the same batch dims; got inputs {x.shape} and output_cotangents {g.shape}."
+        )
+    k, d_in, d_out = g.shape[0], x.shape[-1], g.shape[-1]
+    n = math.prod(x.shape[:-1])
+    x = jnp.reshape(x, (n, d_in)).astype(_F32)
+    g = jnp.reshape(g, (k, n, d_out)).astype(_F32)
+    hi = jax.lax.Precision.HIGHEST
+    if n * n * (d_in + k * d_out) <= k * n * d_in * d_out:
+        gram_x = jnp.matmul(x, x.T, precision=hi)  # [N, N]
+        sq = jnp.sum(jnp.einsum("nm,kmo->kno", gram_x, g, precision=hi) * g, axis=(1, 2))
+    else:
+        outer = jnp.einsum("ni,kno->kio", x, g, precision=hi)  # [K, in, out]
+        sq = jnp.sum(outer * outer, axis=(1, 2))
+    if bias:
+        sq = sq + jnp.sum(jnp.sum(g, axis=1) ** 2, axis=-1)
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def gradnorm_dense_value_and_grad(
+    inputs_fn: Callable[..., jax.Array],
+    dense_fn: Callable[[PyTree], tuple[jax.Array, jax.Array | None]],
+    loss_fn: Callable[..., Any],
+    weighting: LossWeighting,
+    *,
+    has_aux: bool = False,
+    strategy: jac_lib.Strategy = "auto",
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """GradNorm's fast loss-scalarizing path when the last shared layer is dense.
+
+    The model is split at its last shared dense layer ``y = x @ kernel + bias``: ``inputs_fn``
+    gives ``x``, ``dense_fn`` selects ``(kernel, bias)`` from the parameters, and ``loss_fn``
+    maps ``y`` to the K losses (the activation after the layer belongs to ``loss_fn``). Each
+    step runs the model once, takes ``g_k = dL_k/dy`` with K backward passes through
+    ``loss_fn`` only (`mtl.jacobian_rows`), gets GradNorm's norms over ``(kernel, bias)``
+    from `dense_grad_norms` (two B x B Grams), updates the weighting, and back-propagates the
+    weighted loss ``sum_k w_k L_k`` ONCE through the whole model. Same result as
+    `gradnorm_value_and_grad` with a mask selecting ``(kernel, bias)``, without its
+    K x (in x out) Jacobian: about the cost of an equal-weight step.
+
+    Args:
+      inputs_fn: ``(params, *args) -> x`` [..., in], the input of the dense layer (the shared
+        layers below it).
+      dense_fn: ``params -> (kernel [in, out], bias [out] or None)``, the dense layer's
+        parameters (Flax / Haiku layout; for a PyTorch-style [out, in] weight return ``w.T``).
+      loss_fn: ``(params, y, *args) -> losses [K]`` (or ``(losses, aux)`` with ``has_aux``),
+        the rest of the model from the dense output ``y`` [..., out].
+      weighting: a `gradnorm_weighting`.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      strategy: how the K VJPs through ``loss_fn`` are laid out (see `mtl.value_and_jacobian`).
+      chunk_size: compute them ``chunk_size`` at a time.
+
+    Returns:
+      ``(weighting_state, params, *args, **extra) -> ((losses, weights, new_state[, aux]),
+      grads)``, as `gradnorm_value_and_grad`; keyword arguments (``epoch=``) go to
+      ``weighting.update``.
+
+    Example:
+      >>> params = {"enc": jnp.ones((3, 4)), "dense": {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)},
+      ...           "heads": jnp.ones((2, 4))}
+      >>> inputs = lambda p, x: jnp.tanh(x @ p["enc"])
+      >>> dense = lambda p: (p["dense"]["w"], p["dense"]["b"])
+      >>> losses = lambda p, y, x: jnp.mean((jax.nn.relu(y) @ p["heads"].T) ** 2, axis=0)
+      >>> lw = mtl.gradnorm_weighting(2)
+      >>> vg = jax.jit(mtl.gradnorm_dense_value_and_grad(inputs, dense, losses, lw))
+      >>> (l, w, lw_state), grads = vg(lw.init(), params, jnp.ones((5, 3)))
+      >>> w.shape, grads["dense"]["w"].shape
+      ((2,), (4, 4))
+
+    References:
+      Chen et al. GradNorm. ICML 2018.
+      Checked against: `gradnorm_value_and_grad` with the dense layer as ``param_mask``
+      (weights, state and gradients over consecutive steps, tests/test_loss_methods.py).
+    """
+    name = "gradnorm_dense_value_and_grad"
+
+    def features(params, *args):
+        x = inputs_fn(params, *args)
+        kernel, bias = dense_fn(params)
+        _check_dense(name, x, kernel, bias)
+        y = jnp.matmul(x, kernel)
+        return (y if bias is None else y + bias), x
+
+    def wrapped(state, params, *args, **extra_args):
+        has_bias = dense_fn(params)[1] is not None
+
+        def weigh(out_cotangents, x, losses):
+            norms = jax.lax.stop_gradient(dense_grad_norms(x, out_cotangents, bias=has_bias))
+            return _checked_update(weighting, losses, state, dict(extra_args, grad_norms=norms))
+
+        step = split_value_and_grad(
+            features,
+            loss_fn,
+            weigh,
+            has_aux=has_aux,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            name=name,
+            weights_from="weighting.update",
+        )
+        losses, weights, grads, new_state, aux = step(params, *args)
+        out = (losses, weights, new_state, aux) if has_aux else (losses, weights, new_state)
+        return out, grads
+
+    return wrapped
+
+
+def _check_dense(name: str, x: Any, kernel: Any, bias: Any) -> None:
+    x_shape, k_shape = jnp.shape(x), jnp.shape(kernel)
+    ok = len(k_shape) == 2 and len(x_shape) >= 1 and x_shape[-1] == k_shape[0]
+    if ok and bias is not None:
+        ok = jnp.shape(bias) == (k_shape[1],)
+    if not ok:
+        b_shape = None if bias is None else jnp.shape(bias)
+        raise ValueError(
+            f"{name}: expected inputs_fn -> x [..., in] and dense_fn -> (kernel [in, out], "
+            f"bias [out] or None); got x {x_shape}, kernel {k_shape}, bias {b_shape}."
+        )
