@@ -9,13 +9,13 @@ losses, state update, one backward pass). The issue's target is <= 1.05x EW.
 GradNorm needs the per-task gradient norms of the last shared layer (the encoder's dense layer,
 524k parameters). Two ways are timed:
 
-* ``gradnorm``: `mtl.gradnorm_value_and_grad` with that layer as its parameter subset: a K-row
-  Jacobian w.r.t. the layer (K outer products of [B, 4096] x [B, 256]), then one backward;
-* ``gradnorm (input Gram)``: the same norms without the K x 524k Jacobian: for a dense layer
-  ``y = x W + b`` the task-k gradient is ``x^T g_k`` with ``g_k = dL_k/dy`` [B, 256] (K VJPs
-  through the heads only, as the representation-level path does), so
-  ``||dL_k/dW||^2 = <x x^T, g_k g_k^T>`` (two B x B Gram matrices) and
-  ``||dL_k/db||^2 = ||sum_b g_k[b]||^2``; then the same weighted backward.
+* ``gradnorm``: `mtl.gradnorm_dense_value_and_grad` with the model split at that layer: for
+  ``y = x W + b`` the task-k gradient is ``(x^T g_k, sum_b g_k)`` with ``g_k = dL_k/dy``
+  [B, 256] (K VJPs through the heads only), so the norms come from two B x B Gram matrices
+  (`mtl.dense_grad_norms`); then one backward pass of the weighted loss;
+* ``gradnorm (mask Jacobian)``: `mtl.gradnorm_value_and_grad` with that layer as its parameter
+  subset: a K-row Jacobian w.r.t. the layer (K outer products of [B, 4096] x [B, 256]), then
+  the same weighted backward (the path before the dense one, kept for comparison).
 
 DB-MTL (log-loss gradient EMA) and ExcessMTL need per-task gradients of all shared parameters:
 no one-backward path, not timed here.
@@ -45,7 +45,7 @@ from tests.test_common_methods import EXTRA_UPDATE_ARGS, INIT_KWARGS
 # gradient).
 NO_LOSS_PATH = ("db_mtl", "excess_mtl")
 METHODS = tuple(m for m in mtl.registry.LOSS_METHODS if m not in NO_LOSS_PATH)
-GRADNORM_GRAM = "gradnorm (input Gram)"
+GRADNORM_MASK_ROW = "gradnorm (mask Jacobian)"
 
 GRADNORM_MASK = {
     "encoder": {"conv1": False, "conv2": False, "conv3": False, "dense": True},
@@ -62,20 +62,26 @@ def weighting(name: str, k: int) -> mtl.LossWeighting:
     return factory(**kwargs)
 
 
-def dense_grad_norms(params: dict, batch: dict) -> jax.Array:
-    """Per-task gradient norms of the encoder's dense layer from two B x B Gram matrices."""
-    enc = params["encoder"]
-    x = jax.lax.stop_gradient(common.conv_features(enc, batch["x"]))
-    y = x @ enc["dense"]["w"] + enc["dense"]["b"]
+def dense_inputs(params: dict, batch: dict) -> jax.Array:
+    """The input of the last shared (dense) layer: the flattened conv features."""
+    return common.conv_features(params["encoder"], batch["x"])
 
-    def heads(y):
-        return common.head_losses(params["heads"], jax.nn.relu(y), batch["y"])
 
-    losses, vjp = jax.vjp(heads, y)
-    g = mtl.jacobian_rows(lambda ct: vjp(ct)[0], losses.shape[0], losses.dtype)  # [K, B, H]
-    sq_w = jnp.einsum("bc,kbh,kch->k", x @ x.T, g, g)
-    sq_b = jnp.sum(jnp.sum(g, axis=1) ** 2, axis=-1)
-    return jnp.sqrt(sq_w + sq_b)
+def dense_layer(params: dict) -> tuple[jax.Array, jax.Array]:
+    """(kernel, bias) of the last shared layer."""
+    return params["encoder"]["dense"]["w"], params["encoder"]["dense"]["b"]
+
+
+def losses_from_dense(params: dict, y: jax.Array, batch: dict) -> jax.Array:
+    """The rest of the model from the dense layer's output (its ReLU, then the heads)."""
+    return common.head_losses(params["heads"], jax.nn.relu(y), batch["y"])
+
+
+def gradnorm_step(lw: mtl.LossWeighting, dense: bool = True):
+    """GradNorm's loss path on the benchmark CNN: the dense (Gram) one or the mask-Jacobian one."""
+    if dense:
+        return mtl.gradnorm_dense_value_and_grad(dense_inputs, dense_layer, losses_from_dense, lw)
+    return mtl.gradnorm_value_and_grad(common.task_losses, lw, GRADNORM_MASK)
 
 
 def step_fns(k: int, methods: list[str]) -> tuple[dict, dict]:
@@ -85,16 +91,10 @@ def step_fns(k: int, methods: list[str]) -> tuple[dict, dict]:
     fns = {"EW step (grad of sum)": jax.jit(lambda s, p, b: ew(p, b))}
     states = {"EW step (grad of sum)": None}
     for name in methods:
-        lw = weighting("gradnorm" if name == GRADNORM_GRAM else name, k)
+        lw = weighting("gradnorm" if name == GRADNORM_MASK_ROW else name, k)
         extra = EXTRA_UPDATE_ARGS[name](k, 0) if name in EXTRA_UPDATE_ARGS else {}
-        if name == "gradnorm":
-            vg = mtl.gradnorm_value_and_grad(f, lw, GRADNORM_MASK)
-        elif name == GRADNORM_GRAM:
-            base = mtl.weighted_value_and_grad(f, lw)
-
-            def vg(s, p, b, base=base):
-                return base(s, p, b, grad_norms=jax.lax.stop_gradient(dense_grad_norms(p, b)))
-
+        if name in ("gradnorm", GRADNORM_MASK_ROW):
+            vg = gradnorm_step(lw, dense=name == "gradnorm")
         else:
             vg = mtl.weighted_value_and_grad(f, lw)
         fns[name] = jax.jit(functools.partial(vg, **extra))
@@ -136,7 +136,7 @@ def to_markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[3, 10, 40])
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, GRADNORM_GRAM])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, GRADNORM_MASK_ROW])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""The PyTorch-peer benchmark (`benchmarks/peers.py`) and GradNorm's Gram-trick norms.
+"""The PyTorch-peer benchmark (`benchmarks/peers.py`) and the loss-path benchmark's GradNorm rows.
 
 The default tests build and run the JAX side on a tiny model; the ``reference`` tests run the
 PyTorch side (TorchJD and the LibMTL re-creation) on the same tiny model. No timing asserts.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import mtl_jax as mtl
@@ -43,19 +44,22 @@ def test_run_tiny_jax_side_and_table():
     assert "| 2 | famo |" in table and "(loss path, " in table
 
 
-def test_dense_grad_norms_match_the_layer_jacobian():
+def test_loss_path_gradnorm_rows_compute_the_same_step():
+    """The benchmark's dense split of the CNN gives the mask-Jacobian path's weights and grads."""
     k = 3
     params = common.init_hps_cnn(jax.random.key(0), k, width=4, hidden=8)
     batch = common.make_batch(jax.random.key(1), k, 5)
-
-    def dense_losses(dense):
-        enc = dict(params["encoder"], dense=dense)
-        return common.task_losses(dict(params, encoder=enc), batch)
-
-    _, jac = mtl.value_and_jacobian(dense_losses)(params["encoder"]["dense"])
-    np.testing.assert_allclose(
-        loss_path.dense_grad_norms(params, batch), mtl.task_grad_norms(jac), rtol=1e-4
-    )
+    lw = mtl.gradnorm_weighting(k, optimizer=optax.sgd(1.0))
+    dense, mask = (jax.jit(loss_path.gradnorm_step(lw, dense=d)) for d in (True, False))
+    s1 = s2 = lw.init()
+    for _ in range(3):  # call 0 records L(0); calls 1, 2 use (and learn from) the norms
+        (losses, w1, s1), g1 = dense(s1, params, batch)
+        (_, w2, s2), g2 = mask(s2, params, batch)
+        np.testing.assert_allclose(w1, w2, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        params = jax.tree.map(lambda p, g: p - 0.5 * g, params, g1)
+    assert not np.allclose(np.asarray(w1), 1.0)
 
 
 def test_loss_path_covers_every_loss_method_with_a_one_backward_path():
