@@ -93,11 +93,130 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def method_balancer(method: str, config: ml_collections.ConfigDict, num_tasks: int) -> str:
-    """``config.balancer`` of ``method``, with the arguments the few methods without a usable
-    default need: Krum ``n_byzantine=0``, trimmed mean ``trim_number=1`` (0 for two tasks),
-    IGB ``steps_per_epoch`` of the run. (``adaptive_task_balancing``, ``log_class_scaling``
-    and ``task_schedule`` take per-dataset inputs: pass them in ``--config.balancer`` runs.)"""
+# Methods that are undefined below some number of tasks, with the arguments the runner gives
+# them: name -> (minimum K, why).
+MIN_TASKS: dict[str, tuple[int, str]] = {
+    # Krum scores each task gradient by its distances to its K - n_byzantine - 2 nearest
+    # others: K >= n_byzantine + 3 (TorchJD's check; the paper's 2f + 2 < n with f = 0).
+    "krum": (3, "Krum with n_byzantine=0 needs K >= n_byzantine + 3, as in TorchJD"),
+}
+
+
+def method_not_applicable(method: str, num_tasks: int) -> str | None:
+    """Why ``method`` cannot run on a ``num_tasks``-task problem (None when it can).
+
+    Checked before anything is trained, so that the runner reports such a method as
+    ``n/a: needs K >= ...`` instead of a failed run (`MIN_TASKS`).
+    """
+    if method in MIN_TASKS and num_tasks < MIN_TASKS[method][0]:
+        k_min, why = MIN_TASKS[method]
+        return f"needs K >= {k_min}, this problem has K = {num_tasks} ({why})"
+    return None
+
+
+def _unit_score(task: str, key: str, average: Mapping[str, float], higher: bool) -> float:
+    """A task's validation score in [0, 1] (low = hard) for VisATB's difficulty term: its
+    delta_m metric when that is a score in [0, 1] (accuracy, mIoU), else the R^2 of a
+    standardized regression target (``1 - rmse^2``, clipped at 0)."""
+    value = float(average[key])
+    if higher and 0.0 <= value <= 1.0:
+        return value
+    rmse = average.get(f"{task}/rmse")
+    if rmse is not None:
+        return float(max(0.0, 1.0 - float(rmse) ** 2))
+    raise ValueError(
+        f"adaptive_task_balancing: no score in [0, 1] for task {task!r} (metric {key!r}); pass "
+        "its statistics in --config.balancer instead."
+    )
+
+
+def visatb_statistics(
+    single_task: Mapping[str, Sequence[Mapping[str, Any]]],
+    metric_keys: Sequence[str],
+    higher_is_better: Mapping[str, bool],
+) -> dict[str, tuple[float, ...]]:
+    """VisATB's stage-one statistics from the single-task baseline runs.
+
+    The single-task run of task i trains the shared trunk on task i alone while every head
+    trains on that trunk, so its test metric on task j measures what learning task i gives
+    task j. With ``S[i, j]`` that metric (mean over seeds; ``metric_keys`` gives one metric per
+    task, in task order) and ``R[i, j] = S[i, j] / S[j, j]`` (``S[j, j] / S[i, j]`` for a
+    lower-is-better metric), the fraction of task j's single-task performance reached from
+    task i's trunk:
+
+    * ``out_contributions[i]`` = mean over j != i of ``R[i, j]`` (given),
+    * ``in_contributions[j]`` = mean over i != j of ``R[i, j]`` (received),
+    * ``difficulties[k]`` = task k's single-task score in [0, 1] (`_unit_score`).
+
+    VisATB measures these with per-task fine-tuned models and validation sets; this is the
+    same measurement on the runner's baselines (ours, not the authors' protocol).
+
+    Args:
+      single_task: task name -> results of its single-task runs (one per seed).
+      metric_keys: one ``'<task>/<metric>'`` per task, in task order.
+      higher_is_better: direction of each metric.
+
+    Returns:
+      ``{'out_contributions': ..., 'in_contributions': ..., 'difficulties': ...}``, [K] each.
+    """
+    tasks = [key.rpartition("/")[0] for key in metric_keys]
+    k = len(tasks)
+    if k < 2:
+        raise ValueError("adaptive_task_balancing: needs at least two tasks.")
+    missing = [t for t in tasks if not single_task.get(t)]
+    if missing:
+        raise ValueError(f"adaptive_task_balancing: no single-task runs of tasks {missing}.")
+
+    def mean(task: str, key: str) -> float:
+        return float(np.mean([r["average"][key] for r in single_task[task]]))
+
+    s = np.array([[mean(ti, kj) for kj in metric_keys] for ti in tasks])
+    own = np.diag(s)
+    hib = np.array([higher_is_better[key] for key in metric_keys])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(hib[None, :], s / own[None, :], own[None, :] / s)
+    r = np.nan_to_num(r, nan=0.0, posinf=0.0)
+    off = ~np.eye(k, dtype=bool)
+    out_c = [float(np.mean(r[i][off[i]])) for i in range(k)]
+    in_c = [float(np.mean(r[:, j][off[:, j]])) for j in range(k)]
+    diff = []
+    for t, key in zip(tasks, metric_keys, strict=True):
+        avg = {kk: float(np.mean([run["average"][kk] for run in single_task[t]])) for kk in
+               single_task[t][0]["average"]}  # fmt: skip
+        diff.append(_unit_score(t, key, avg, bool(higher_is_better[key])))
+    return {
+        "out_contributions": tuple(out_c),
+        "in_contributions": tuple(in_c),
+        "difficulties": tuple(diff),
+    }
+
+
+def _literal(values: Sequence[Any]) -> str:
+    return "(" + ", ".join("None" if v is None else f"{v:.6g}" for v in values) + ",)"
+
+
+def method_balancer(
+    method: str,
+    config: ml_collections.ConfigDict,
+    num_tasks: int,
+    *,
+    statistics: Mapping[str, Sequence[float]] | None = None,
+) -> str:
+    """``config.balancer`` of ``method``, with the arguments the methods without a usable
+    default need, derived from the problem:
+
+    * Krum ``n_byzantine=0``; trimmed mean ``trim_number=1`` (0 for two tasks);
+    * IGB ``steps_per_epoch`` of the run;
+    * log-class scaling ``num_classes`` from the dataset's task specs
+      (`mtl_jax.tasks.Task.num_classes`; None, i.e. unscaled, for regression tasks);
+    * adaptive task balancing (VisATB) the contributions and difficulties measured on the
+      single-task baselines (``statistics``: `visatb_statistics`).
+
+    (``task_schedule`` keeps its default schedule.)
+
+    Raises:
+      ValueError: adaptive_task_balancing without ``statistics``.
+    """
     if method == EW:
         return EW
     if method == "krum":
@@ -112,6 +231,25 @@ def method_balancer(method: str, config: ml_collections.ConfigDict, num_tasks: i
         if config.get("steps_per_epoch", -1) not in (-1, None):
             steps = min(steps, config.steps_per_epoch)
         return f"igb(steps_per_epoch={max(int(steps), 1)})"
+    if method == "log_class_scaling":
+        from mtl_jax import tasks as tasks_lib
+
+        classes = [t.num_classes for t in tasks_lib.get_tasks(config.dataset)]
+        return "log_class_scaling(num_classes=(" + ", ".join(map(str, classes)) + ",))"
+    if method == "adaptive_task_balancing":
+        if statistics is None:
+            raise ValueError(
+                "adaptive_task_balancing: its contributions and difficulties come from the "
+                "single-task baselines, which are not all finished."
+            )
+        return (
+            "adaptive_task_balancing("
+            + ", ".join(
+                f"{name}={_literal(statistics[name])}"
+                for name in ("out_contributions", "in_contributions", "difficulties")
+            )
+            + ")"
+        )
     return method
 
 
@@ -224,6 +362,7 @@ def summarize(
     baseline: Mapping[str, float],
     higher_is_better: Mapping[str, bool],
     failures: Mapping[str, Sequence[str]] | None = None,
+    not_applicable: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per method: metrics and delta_m (mean, std over seeds), step time vs ``ew``.
 
@@ -232,6 +371,8 @@ def summarize(
       baseline: single-task value of every metric entering delta_m (`single_task_baseline`).
       higher_is_better: direction of every metric of ``baseline``.
       failures: method -> error messages of its failed runs.
+      not_applicable: method -> why it cannot run on this problem (`method_not_applicable`);
+        such a method gets a row without results.
 
     Returns:
       Rows sorted by mean delta_m (lower is better; methods without results last), each with
@@ -239,13 +380,15 @@ def summarize(
       std NaN for one seed),
       ``step_time_s``, ``step_time_vs_ew``, ``vs_ew`` (``'beats ew'`` / ``'loses to ew'``,
       ``' (within noise)'`` appended when the difference is within the larger of the two
-      standard deviations) and ``failed`` (error messages).
+      standard deviations), ``failed`` (error messages) and ``not_applicable`` (the reason, or
+      ``''``).
     """
     from mtl_jax import metrics as metrics_lib
 
     failures = failures or {}
+    not_applicable = not_applicable or {}
     rows = []
-    for method in dict.fromkeys([*runs, *failures]):
+    for method in dict.fromkeys([*runs, *failures, *not_applicable]):
         results = list(runs.get(method, []))
         dms = [
             metrics_lib.delta_m(r["average"], baseline, higher_is_better)
@@ -262,6 +405,7 @@ def summarize(
                 "delta_m": _mean_std(dms),
                 "step_time_s": float(np.mean(times)) if times else math.nan,
                 "failed": list(failures.get(method, [])),
+                "not_applicable": not_applicable.get(method, ""),
             }
         )
     ew = next((r for r in rows if r["method"] == EW and r["seeds"]), None)
@@ -304,7 +448,12 @@ def format_table(
     lines.append("| " + " | ".join([*cells, "0 (reference)", "", "", ""]) + " |")
     for i, row in enumerate(rows, 1):
         if not row["seeds"]:
-            note = "failed: " + "; ".join(row["failed"])[:120] if row["failed"] else "not run"
+            if row.get("not_applicable"):
+                note = "n/a: " + row["not_applicable"]
+            elif row["failed"]:
+                note = "failed: " + "; ".join(row["failed"])[:120]
+            else:
+                note = "not run"
             lines.append(f"| {i} | {row['method']} | {note} |" + " |" * (len(head) - 3))
             continue
         ratio = row["step_time_vs_ew"]
@@ -392,6 +541,11 @@ def run_comparison(
         pareto_points = 7 if k == 2 else 0
     if pareto_points and k != 2:
         raise ValueError(f"The preference sweep is for two-task problems; this one has {k}.")
+    inapplicable = {m: r for m in methods if (r := method_not_applicable(m, k)) is not None}
+    for method, reason in inapplicable.items():
+        msg = f"compare: {method} is not run: {reason}; its row says n/a."
+        logging.warning(msg)
+        print(msg, flush=True)
     os.makedirs(workdir, exist_ok=True)
 
     dirs: dict[str, dict[int, str]] = {}
@@ -444,9 +598,23 @@ def run_comparison(
                 pareto.append({"weights": list(w), "average": res["average"]})
 
     # 3. Methods, seed-major.
+    statistics = None
+    if "adaptive_task_balancing" in methods and seeds_left:
+        try:
+            statistics = visatb_statistics(stl, metric_keys, hib)
+            logging.info("compare: adaptive_task_balancing statistics %s", statistics)
+        except ValueError as e:
+            logging.warning("compare: %s", e)
     for seed in seeds:
         for method in methods:
-            run(method, method, method_balancer(method, config, k), seed)
+            if method in inapplicable:
+                continue
+            try:
+                balancer = method_balancer(method, config, k, statistics=statistics)
+            except ValueError as e:
+                failures.setdefault(method, []).append(f"seed {seed}: {e}")
+                continue
+            run(method, method, balancer, seed)
     if elsewhere or not seeds_left:
         logging.warning(
             "compare: runs %s were in progress in other processes; rerun the same command when "
@@ -455,8 +623,12 @@ def run_comparison(
         )
         return {"in_progress_elsewhere": elsewhere}
     method_runs = {m: runs[m] for m in methods if m in runs}
-    not_ok = {m: failures.get(m, []) for m in methods if m in failures or m not in method_runs}
-    rows = summarize(method_runs, baseline, hib, not_ok)
+    not_ok = {
+        m: failures.get(m, [])
+        for m in methods
+        if (m in failures or m not in method_runs) and m not in inapplicable
+    }
+    rows = summarize(method_runs, baseline, hib, not_ok, inapplicable)
     table = format_table(rows, baseline, hib)
     out = {
         "dataset": config.dataset,
@@ -470,9 +642,13 @@ def run_comparison(
         "pareto": pareto,
         "run_dirs": {g: {str(s): d for s, d in v.items()} for g, v in dirs.items()},
         "failures": failures,
+        "not_applicable": inapplicable,
+        "adaptive_task_balancing_statistics": statistics,
         "wall_seconds_this_invocation": time.time() - t_start,
     }
-    missing = len(seeds) * len(methods) - sum(len(v) for v in method_runs.values())
+    missing = len(seeds) * (len(methods) - len(inapplicable)) - sum(
+        len(v) for v in method_runs.values()
+    )
     header = (
         f"{config.dataset}: {len(methods)} methods x {len(seeds)} seeds"
         + (f" ({missing} runs missing: see the seeds column)" if missing else "")

@@ -69,6 +69,9 @@ class Task:
       metric_update: ``(acc, pred, batch) -> acc`` (jit-safe; honours ``batch['mask']``).
       metric_compute: ``acc -> {metric: float}`` (host side, after the split).
       higher_is_better: ``{metric: bool}`` for every metric of ``metric_compute``.
+      num_classes: size of the label space of a classification task (segmentation and the
+        per-example classification tasks), None for regression tasks. Methods whose
+        arguments depend on it (`mtl_jax.log_class_scaling`) read it from here.
     """
 
     name: str
@@ -79,6 +82,7 @@ class Task:
     metric_update: Callable[[PyTree, jax.Array, Batch], PyTree]
     metric_compute: Callable[[PyTree], dict[str, float]]
     higher_is_better: dict[str, bool]
+    num_classes: int | None = None
 
 
 def _example_mask(batch: Batch, shape: tuple[int, ...]) -> jax.Array:
@@ -405,6 +409,7 @@ def classification_task(name: str, num_classes: int, target_key: str | None = No
         metric_update=functools.partial(classification_metric_update, target_key=key),
         metric_compute=classification_metric_compute,
         higher_is_better={"accuracy": True, "ce": False},
+        num_classes=num_classes,
     )
 
 
@@ -452,6 +457,7 @@ def segmentation_task(num_classes: int) -> Task:
         metric_update=functools.partial(segmentation_metric_update, num_classes=num_classes),
         metric_compute=segmentation_metric_compute,
         higher_is_better={"mIoU": True, "pixAcc": True},
+        num_classes=num_classes,
     )
 
 

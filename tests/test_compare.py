@@ -218,3 +218,69 @@ def test_compare_command_end_to_end_and_resume(tmp_path):
     with open(os.path.join(work, "comparison.json")) as f:
         again = json.load(f)
     assert again["rows"] == out["rows"]
+
+
+def test_krum_is_not_applicable_to_two_tasks_and_gets_an_na_row():
+    # Krum (n_byzantine=0, as the runner builds it) needs K >= 3, as TorchJD checks.
+    reason = compare.method_not_applicable("krum", 2)
+    assert reason is not None and reason.startswith("needs K >= 3, this problem has K = 2")
+    assert compare.method_not_applicable("krum", 3) is None
+    assert compare.method_not_applicable("mgda", 2) is None
+    import mtl_jax as mtl
+
+    with pytest.raises(ValueError, match="K >= n_byzantine \\+ 3"):  # what a run would hit
+        mtl.krum_weights(np.eye(2, dtype=np.float32), n_byzantine=0)
+    baseline = {"a/accuracy": 1.0, "b/err": 1.0}
+    runs = {"ew": [fake_results(0.9, 1.0), fake_results(0.7, 1.0)]}
+    rows = compare.summarize(runs, baseline, HIB, {}, {"krum": reason})
+    assert [r["method"] for r in rows] == ["ew", "krum"]
+    assert rows[1]["not_applicable"] == reason and rows[1]["seeds"] == 0
+    line = compare.format_table(rows, baseline, HIB).splitlines()[-1]
+    assert line.startswith("| 2 | krum | n/a: needs K >= 3, this problem has K = 2 (")
+    assert "failed" not in line
+
+
+def test_method_balancer_derives_arguments_from_the_task_specs():
+    from mtl_jax import train
+
+    penguins = load_config("penguins.py", "smoke")
+    spec = compare.method_balancer("log_class_scaling", penguins, 3)
+    # species 3 classes, sex 2, body mass a regression (unscaled).
+    assert train.parse_balancer(spec) == [
+        {"name": "log_class_scaling", "num_classes": (3, 2, None)}
+    ]
+    digits = load_config("multidigits.py", "smoke")
+    assert compare.method_balancer("log_class_scaling", digits, 2).endswith("=(10, 10,))")
+    with pytest.raises(ValueError, match="single-task baselines"):
+        compare.method_balancer("adaptive_task_balancing", penguins, 3)
+    stats = {"out_contributions": (0.5, 1), "in_contributions": (1, 0.25), "difficulties": (0.9, 0)}
+    spec = compare.method_balancer("adaptive_task_balancing", digits, 2, statistics=stats)
+    [parsed] = train.parse_balancer(spec)
+    assert parsed == {"name": "adaptive_task_balancing", **{k: tuple(v) for k, v in stats.items()}}
+    train.validate_config(compare.run_config(digits, spec, 0))  # builds with these arguments
+
+
+def test_visatb_statistics_from_single_task_runs():
+    hib = {"a/accuracy": True, "b/mae": False}
+
+    def res(acc, mae, rmse):
+        return {"average": {"a/accuracy": acc, "b/mae": mae, "b/rmse": rmse}}
+
+    # Run of task a (trunk learns a): a 0.9, b's error 4 (vs 2 from its own trunk).
+    stl = {"a": [res(0.9, 4.0, 0.9), res(0.9, 4.0, 0.9)], "b": [res(0.6, 2.0, 0.5)]}
+    st = compare.visatb_statistics(stl, ["a/accuracy", "b/mae"], hib)
+    # R[a, b] = 2 / 4 (error: own / other), R[b, a] = 0.6 / 0.9.
+    np.testing.assert_allclose(st["out_contributions"], [0.5, 0.6 / 0.9])
+    np.testing.assert_allclose(st["in_contributions"], [0.6 / 0.9, 0.5])
+    # Difficulty scores: a's accuracy; b's R^2 of the standardized target, 1 - 0.5^2.
+    np.testing.assert_allclose(st["difficulties"], [0.9, 0.75])
+    w = compare.method_balancer("adaptive_task_balancing", None, 2, statistics=st)
+    assert w.startswith("adaptive_task_balancing(out_contributions=(0.5, 0.666667,)")
+    with pytest.raises(ValueError, match="no single-task runs"):
+        compare.visatb_statistics({"a": stl["a"]}, ["a/accuracy", "b/mae"], hib)
+    with pytest.raises(ValueError, match="no score in \\[0, 1\\]"):
+        compare.visatb_statistics(
+            {"a": stl["a"], "b": [{"average": {"a/accuracy": 0.6, "b/mae": 2.0}}]},  # no rmse
+            ["a/accuracy", "b/mae"],
+            hib,
+        )

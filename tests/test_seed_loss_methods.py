@@ -414,6 +414,11 @@ def test_log_class_scaling():
     np.testing.assert_allclose(w[-1], 1.0 / np.log([2, 10, 1000]), rtol=1e-6)
     with pytest.raises(ValueError, match="num_classes"):
         mtl.log_class_scaling([2, 1])
+    # A regression task (None) is left unscaled: its standardized MSE is 1 at the mean, as a
+    # scaled cross-entropy is at the uniform prediction.
+    w = run(mtl.log_class_scaling_weighting([3, 2, None]), np.ones((2, 3)))
+    np.testing.assert_allclose(w[-1], [1 / np.log(3), 1 / np.log(2), 1.0], rtol=1e-6)
+    assert np.allclose(np.log([3, 2]) * w[-1][:2], 1.0)
 
 
 # ----------------------------------------------------------------------------- task_schedule --

@@ -14,6 +14,7 @@ jit-safe with static shapes. Divisions are guarded by a documented ``eps``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -836,37 +837,48 @@ def adaptive_task_balancing(
 # --------------------------------------------------------------------------------------------
 
 
-def log_class_scaling_weighting(num_classes: Sequence[int]) -> LossWeighting:
+def log_class_scaling_weighting(num_classes: Sequence[int | None]) -> LossWeighting:
     """Muppet loss scaling as a pure `LossWeighting` (see `log_class_scaling`)."""
-    n = [int(c) for c in num_classes]
-    if not n or any(c < 2 for c in n):
+    n = [None if c is None else int(c) for c in num_classes]
+    if not n or any(c is not None and c < 2 for c in n):
         raise ValueError(
-            f"log_class_scaling: num_classes must be a non-empty list of ints >= 2, got {n!r}."
+            "log_class_scaling: num_classes must be a non-empty list of ints >= 2 (None for a "
+            f"regression task), got {list(num_classes)!r}."
         )
-    weights = 1.0 / jnp.log(jnp.asarray(n, _F32))
+    weights = jnp.asarray([1.0 if c is None else 1.0 / math.log(c) for c in n], _F32)
     return _static_weighting("log_class_scaling", weights)
 
 
-def log_class_scaling(num_classes: Sequence[int]) -> optax.GradientTransformationExtraArgs:
+def log_class_scaling(num_classes: Sequence[int | None]) -> optax.GradientTransformationExtraArgs:
     """Muppet loss scaling: task k's loss is divided by ``log(num_classes[k])``.
 
     A cross-entropy over n classes starts near ``log n``; dividing by it puts classification
-    tasks with different label-space sizes on one scale.
+    tasks with different label-space sizes on one scale: every scaled loss is 1 for the
+    uninformed (uniform) prediction.
+
+    Regression tasks (``None`` in ``num_classes``) are left unscaled (weight 1). The paper
+    gives the rule for classification and generation heads only; weight 1 keeps its
+    principle for the usual MSE on a standardized target (the embedded datasets' convention),
+    whose uninformed prediction (the mean) also has loss 1. For a target that is not
+    standardized, pass ``1 / Var(target)``-style weights through `scalarize` instead.
 
     Args:
       num_classes: [K] number of classes of each task's output space (>= 2; for generation
-        tasks use the vocabulary size or what the paper's setup prescribes).
+        tasks use the vocabulary size or what the paper's setup prescribes), ``None`` for a
+        regression task. The comparison runner reads it from the dataset's task specs
+        (`mtl_jax.tasks.Task.num_classes`).
 
     Returns:
-      An optax transform; rows scaled by ``1 / log(num_classes)``.
+      An optax transform; rows scaled by ``1 / log(num_classes)`` (1 for regression tasks).
 
     Example:
       >>> tx = optax.chain(mtl.log_class_scaling([2, 3, 1000]), mtl.sum_tasks(), optax.adam(1e-5))
+      >>> tx = mtl.log_class_scaling([3, 2, None])  # species, sex, body mass (regression)
 
     References:
       Aghajanyan et al. Muppet: Massive Multi-task Representations with Pre-Finetuning.
       EMNLP 2021.
       Checked against: the paper's loss-scaling formula ``L_i / log n(t_i)`` (no public
-      reference code).
+      reference code). The weight 1 of regression tasks is ours (see above).
     """
     return from_loss_weighting(log_class_scaling_weighting(num_classes))
