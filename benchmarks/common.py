@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.models import layers
+
 NUM_CLASSES = 10
 
 
@@ -51,7 +53,7 @@ def init_hps_cnn(key: jax.Array, num_tasks: int, width: int = 32, hidden: int = 
 
 
 def _conv(x, p, stride):
-    y = jax.lax.conv_general_dilated(
+    y = layers.conv_general_dilated(
         x, p["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     return jax.nn.relu(y + p["b"])

@@ -129,6 +129,139 @@ def test_max_pool_with_argmax_and_unpool_match_numpy():
     assert up[0, 0, 0, 0] == 5.0 and up[0, 0, 1, 0] == 0.0
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_CONV_CASES = [  # input, kernel, strides, padding, kernel dilation
+    ((2, 9, 11, 3), (3, 3, 3, 5), (1, 1), "SAME", (1, 1)),
+    ((2, 9, 11, 3), (3, 3, 3, 5), (2, 2), "SAME", (1, 1)),
+    ((2, 9, 11, 3), (3, 3, 3, 5), (2, 1), "VALID", (1, 1)),
+    ((2, 12, 12, 4), (3, 3, 4, 2), (1, 1), ((2, 2), (2, 2)), (2, 2)),
+    ((1, 8, 8, 2), (1, 1, 2, 3), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 10, 9, 3), (5, 5, 3, 4), (2, 2), ((3, 1), (2, 3)), (1, 1)),
+]
+
+
+def _conv_derivatives(conv, x, w, ct, strides, padding, dilation):
+    """Value, VJP (both arguments), JVP, and a vmapped kernel VJP of ``conv``, in one jit."""
+
+    def f(x, w):
+        return conv(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC)
+
+    @jax.jit
+    def run(x, w, ct):
+        y, vjp = jax.vjp(f, x, w)
+        tangent = jax.jvp(f, (x, w), (0.3 * x, 0.7 * w))[1]
+        batched = jax.vmap(lambda c: vjp(c)[1])(jnp.stack([ct, -2.0 * ct]))
+        return (y, *vjp(ct), tangent, batched)
+
+    return run(x, w, ct)
+
+
+@pytest.mark.parametrize("xs,ws,strides,padding,dilation", _CONV_CASES)
+def test_conv_general_dilated_equals_lax_in_every_derivative(xs, ws, strides, padding, dilation):
+    """Our conv (shifted-matmul kernel derivative on CPU) == lax's: value, VJP, JVP, vmap."""
+    x = jax.random.normal(jax.random.PRNGKey(0), xs)
+    w = jax.random.normal(jax.random.PRNGKey(1), ws)
+    out_shape = jax.eval_shape(
+        lambda: jax.lax.conv_general_dilated(
+            x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC
+        )
+    ).shape
+    ct = jax.random.normal(jax.random.PRNGKey(2), out_shape)
+    args = (x, w, ct, strides, padding, dilation)
+    ref = _conv_derivatives(jax.lax.conv_general_dilated, *args)
+    ours = _conv_derivatives(layers.conv_general_dilated, *args)
+    np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(ref[0]))  # same forward op
+    for name, a, b in zip(("dx", "dw", "jvp", "vmapped dw"), ref[1:], ours[1:], strict=True):
+        tol = 1e-5 * float(jnp.max(jnp.abs(a)))
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=tol, err_msg=name)
+
+
+def test_conv_general_dilated_second_order_equals_lax():
+    """The custom JVP is differentiable again (Hessian w.r.t. the kernel)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 2))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 3))
+
+    def hess(conv):
+        def f(w):
+            y = conv(x, w, (2, 2), "SAME", dimension_numbers=_NHWC)
+            return jnp.sum(jnp.sin(y))
+
+        return jax.jit(jax.hessian(f))(w)
+
+    np.testing.assert_allclose(
+        np.asarray(hess(layers.conv_general_dilated)),
+        np.asarray(hess(jax.lax.conv_general_dilated)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_conv_general_dilated_falls_back_to_lax_for_other_configurations():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
+    grouped = dict(feature_group_count=2, dimension_numbers=_NHWC)
+    np.testing.assert_array_equal(
+        np.asarray(layers.conv_general_dilated(x, w, (1, 1), "SAME", **grouped)),
+        np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", **grouped)),
+    )
+    xn = jnp.transpose(x, (0, 3, 1, 2))  # NCHW / OIHW: lax's default layout
+    wn = jnp.transpose(jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 5)), (3, 2, 0, 1))
+    np.testing.assert_array_equal(
+        np.asarray(
+            layers.conv_general_dilated(xn, wn, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2))
+        ),
+        np.asarray(
+            jax.lax.conv_general_dilated(xn, wn, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2))
+        ),
+    )
+
+
+def test_conv_layer_uses_the_fast_conv_and_matches_flax_default():
+    ours = layers.conv(3, 4, 3, rngs=nnx.Rngs(0), stride=2, dilation=1)
+    plain = nnx.Conv(3, 4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
+    plain.kernel.value, plain.bias.value = ours.kernel.value, ours.bias.value
+    assert ours.conv_general_dilated is layers.conv_general_dilated
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3))
+
+    @nnx.jit
+    def grads(m):
+        return nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(m)
+
+    g_ours, g_plain = grads(ours), grads(plain)
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(plain(x)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(g_ours.kernel.value), np.asarray(g_plain.kernel.value), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,window,stride,padding",
+    [
+        ((2, 6, 8, 3), 2, 2, 0),
+        ((2, 6, 9, 3), 3, 3, 0),
+        ((2, 7, 8, 3), 2, 2, 0),
+        ((2, 8, 8, 3), 3, 2, 1),
+    ],
+)
+def test_max_pool_equals_reduce_window_with_first_max_gradient(shape, window, stride, padding):
+    """Values and gradients equal flax's reduce_window pooling, ties included (first max)."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape).astype(np.float32))  # ties
+
+    def ref(x):
+        pad = ((padding, padding), (padding, padding))
+        return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
+
+    def ours(x):
+        return layers.max_pool(x, window, stride, padding)
+
+    y = ref(x)
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(y))
+    ct = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+    np.testing.assert_array_equal(
+        np.asarray(jax.vjp(ours, x)[1](ct)[0]), np.asarray(jax.vjp(ref, x)[1](ct)[0])
+    )
+
+
 def test_resize_bilinear_align_corners_matches_numpy():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(1, 3, 4, 2)).astype(np.float32)

@@ -131,7 +131,14 @@ class ConvNet(nnx.Module):
         chans = (c, *channels)
         self.convs = nnx.List(
             [
-                nnx.Conv(a, b, (3, 3), padding="SAME", rngs=rngs)
+                nnx.Conv(
+                    a,
+                    b,
+                    (3, 3),
+                    padding="SAME",
+                    conv_general_dilated=layers.conv_general_dilated,
+                    rngs=rngs,
+                )
                 for a, b in zip(chans[:-1], chans[1:], strict=True)
             ]
         )
