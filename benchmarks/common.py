@@ -52,24 +52,28 @@ def init_hps_cnn(key: jax.Array, num_tasks: int, width: int = 32, hidden: int = 
     return {"encoder": encoder, "heads": heads}
 
 
-def _conv(x, p, stride):
-    y = layers.conv_general_dilated(
-        x, p["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+def _conv(x, p, stride, conv):
+    y = conv(x, p["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jax.nn.relu(y + p["b"])
 
 
-def conv_features(encoder: dict, x: jax.Array) -> jax.Array:
+# The benchmark CNN's convolution: ours (fast kernel gradient on CPU) by default; XLA's own
+# (``jax.lax.conv_general_dilated``) for the before/after rows of benchmarks/jacobian.py.
+CONVS = {"ours": layers.conv_general_dilated, "xla": jax.lax.conv_general_dilated}
+
+
+def conv_features(encoder: dict, x: jax.Array, conv: str = "ours") -> jax.Array:
     """The flattened conv features [B, 8 * 8 * 2 * width]: the input of the dense layer."""
-    h = _conv(x, encoder["conv1"], 1)
-    h = _conv(h, encoder["conv2"], 2)
-    h = _conv(h, encoder["conv3"], 2)
+    fn = CONVS[conv]
+    h = _conv(x, encoder["conv1"], 1, fn)
+    h = _conv(h, encoder["conv2"], 2, fn)
+    h = _conv(h, encoder["conv3"], 2, fn)
     return h.reshape(h.shape[0], -1)
 
 
-def encode(encoder: dict, x: jax.Array) -> jax.Array:
+def encode(encoder: dict, x: jax.Array, conv: str = "ours") -> jax.Array:
     """Shared representation [B, hidden]."""
-    h = conv_features(encoder, x)
+    h = conv_features(encoder, x, conv)
     return jax.nn.relu(h @ encoder["dense"]["w"] + encoder["dense"]["b"])
 
 
@@ -81,8 +85,8 @@ def head_losses(heads: dict, z: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.mean(picked, axis=1)
 
 
-def task_losses(params: dict, batch: dict) -> jax.Array:
-    return head_losses(params["heads"], encode(params["encoder"], batch["x"]), batch["y"])
+def task_losses(params: dict, batch: dict, conv: str = "ours") -> jax.Array:
+    return head_losses(params["heads"], encode(params["encoder"], batch["x"], conv), batch["y"])
 
 
 def make_batch(key: jax.Array, num_tasks: int, batch_size: int = 64) -> dict:
