@@ -804,19 +804,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         num_epochs=None,
         **loader_kw,
     )
-    val_loader = None
-    if any(s["name"] in VAL_LOSS_METHODS for s in parse_balancer(config.balancer)):
-        # One batch per step from the validation split (shuffled, repeated, its own seed).
-        val_loader = data_lib.make_loader(
-            dataset,
-            config.data_dir,
-            config.get("val_loss_split") or info.eval_split,
-            batch_size=config.batch_size // n_proc,
-            seed=config.seed + 1,
-            train=True,
-            num_epochs=None,
-            **loader_kw,
-        )
     steps_per_epoch = train_loader.steps_per_epoch
     if config.get("steps_per_epoch", -1) not in (-1, None):
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
@@ -831,6 +818,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     trainer = Trainer(config, tasks, model, mesh, steps_per_epoch)
     del model
+    val_loader = None
+    if trainer.needs_val_losses:
+        # One batch per step from the validation split (shuffled, repeated, its own seed).
+        val_loader = data_lib.make_loader(
+            dataset,
+            config.data_dir,
+            config.get("val_loss_split") or info.eval_split,
+            batch_size=config.batch_size // n_proc,
+            seed=config.seed + 1,
+            train=True,
+            num_epochs=None,
+            **loader_kw,
+        )
     state = trainer.init_state()
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info(
