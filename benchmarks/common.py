@@ -1,25 +1,30 @@
-"""Shared pieces of the benchmarks: the benchmark CNN, timing, memory, and the output files.
+"""Shared pieces of the benchmarks: the benchmark models, timing, memory, and the output files.
 
 The benchmark model is the hard-parameter-sharing CNN the issues specify: a shared conv encoder
 (3 convs + a dense layer, ~1.1M parameters) and K linear classification heads, batch 64 of
-32x32x3 inputs. Every figure a benchmark reports is a ratio of timings measured in the same
-process (this machine is noisy), median of repeats, warm-up (compilation) excluded.
+32x32x3 inputs. `segnet_setup` builds the second model of issue 9's "own ceiling": the NYUv2
+hard-sharing SegNet of the harness at a reduced resolution. Every figure a benchmark reports is
+a ratio of timings measured in the same process (this machine is noisy), median of repeats,
+warm-up (compilation) excluded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from mtl_jax import models, tasks
 from mtl_jax.models import layers
 
 NUM_CLASSES = 10
@@ -95,6 +100,103 @@ def make_batch(key: jax.Array, num_tasks: int, batch_size: int = 64) -> dict:
         "x": jax.random.normal(kx, (batch_size, 32, 32, 3)),
         "y": jax.random.randint(ky, (batch_size, num_tasks), 0, NUM_CLASSES),
     }
+
+
+class StepSetup(NamedTuple):
+    """A model for the training-step benchmarks, with its initial parameters and one batch.
+
+    ``loss_fn(params, model_state, batch)`` returns ``(losses [K], new model_state)``; the model
+    state is the BatchNorm statistics (empty for the CNN), updated in train mode.
+    """
+
+    loss_fn: Callable[[Any, Any, Any], tuple[jax.Array, Any]]
+    params: Any
+    model_state: Any
+    batch: Any
+
+
+def cnn_setup(num_tasks: int, conv: str = "ours") -> StepSetup:
+    """The benchmark CNN (no model state), parameters and batch of the default sizes."""
+    return StepSetup(
+        loss_fn=lambda p, s, b: (task_losses(p, b, conv), s),
+        params=init_hps_cnn(jax.random.key(0), num_tasks),
+        model_state={},
+        batch=make_batch(jax.random.key(3), num_tasks),
+    )
+
+
+def segnet_tasks(num_tasks: int) -> tuple[tasks.Task, ...]:
+    """K tasks cycling NYUv2's three (segmentation, depth, normal, segmentation_1, depth_1, ...).
+
+    Head i is task type ``i % 3``; every head of a type reads that type's label (the batch's
+    ``'segmentation'``, ``'depth'`` or ``'normal'``), so K > 3 adds heads and losses, not data.
+    """
+    base = tasks.get_tasks("nyuv2")
+    return tuple(
+        base[i % 3]
+        if i < 3
+        else dataclasses.replace(base[i % 3], name=f"{base[i % 3].name}_{i // 3}")
+        for i in range(num_tasks)
+    )
+
+
+def make_nyuv2_batch(seed: int, height: int, width: int, batch_size: int) -> dict:
+    """A random batch in the NYUv2 format of the harness (``mtl_jax.data``), about 10% of the
+    pixels unlabelled (segmentation -1, depth and normal 0) as in the real data."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, height, width)
+    labelled = rng.uniform(size=shape + (1,)) > 0.1
+    normal = rng.normal(size=shape + (3,))
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    batch = {
+        "image": rng.uniform(size=shape + (3,)),
+        "segmentation": np.where(labelled[..., 0], rng.integers(0, 13, shape), -1),
+        "depth": np.where(labelled, rng.uniform(0.5, 10.0, shape + (1,)), 0.0),
+        "normal": np.where(labelled, normal, 0.0),
+    }
+    return {
+        k: jnp.asarray(v, jnp.int32 if k == "segmentation" else jnp.float32)
+        for k, v in batch.items()
+    }
+
+
+def segnet_setup(
+    num_tasks: int,
+    height: int = 64,
+    width: int = 96,
+    batch_size: int = 2,
+    filters: tuple[int, ...] = (64, 128, 256, 512, 512),
+    seed: int = 0,
+) -> StepSetup:
+    """The harness's hard-sharing SegNet (``experiments/nyud.py:segnet``) on a random batch.
+
+    Built as `mtl_jax.train.train_and_evaluate` builds it (``models.build_model('segnet', ...)``,
+    split into parameters and BatchNorm statistics) with the K tasks of `segnet_tasks`; the loss
+    runs the model in train mode and returns the updated statistics, as the harness's
+    ``Trainer._losses``. Height and width must be multiples of 32 (SegNet's five poolings).
+
+    Cycled heads (K > 3) are named ``<type>_<i>``, so `layers.finalize_prediction` leaves their
+    output raw; their losses are the same, since the segmentation and normal losses re-apply
+    log-softmax and normalization.
+    """
+    task_list = segnet_tasks(num_tasks)
+    heads = {t.name: t.out_channels for t in task_list}
+    # As `models.build_model('segnet', heads, seed=seed, filters=filters)`, with an RBG key:
+    # the default (threefry) key compiles each initializer for ~1 s of CPU, ~30 s in all.
+    rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
+    model = models.MODELS["segnet"](heads, filters=tuple(filters), rngs=rngs)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    def loss_fn(params, batch_stats, batch):
+        # Fresh statistics at the current trace level (see `Trainer._forward`).
+        batch_stats = jax.tree.map(lambda x: x, batch_stats)
+        model = nnx.merge(graphdef, params, batch_stats)
+        preds = model(batch["image"], train=True)
+        losses = jnp.stack([t.loss(preds[t.name], batch) for t in task_list])
+        return losses, nnx.state(model, nnx.BatchStat)
+
+    batch = make_nyuv2_batch(seed, height, width, batch_size)
+    return StepSetup(loss_fn, params, batch_stats, batch)
 
 
 def num_params(tree: Any) -> int:

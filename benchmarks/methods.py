@@ -13,6 +13,15 @@ round-robin (see `common.time_interleaved`):
   the CNN encoder's shape (1.1M parameters), as a ratio to ``sum_tasks`` alone on the same
   Jacobian, and the time it adds to ``sum_tasks`` as a share of the engine-only training step
   (timed in the same process; target at K=40: <= 5%).
+* **SegNet** (``--model segnet``, issue 9's second model): the full step of issue 9's methods on
+  the NYUv2 hard-sharing SegNet of the harness (`common.segnet_setup`: ``experiments/nyud.py
+  :segnet``, 25M parameters, BatchNorm in train mode with its statistics updated as in
+  ``mtl_jax.train``) at a reduced resolution (``--resolution``, default 64x96; multiples of 32)
+  and batch 2 (``--batch-size``), on a random batch in the NYUv2 format. K in {2, 3, 10}: K
+  heads cycle the three tasks (segmentation, depth, normal, segmentation_1, ...; heads of one
+  type share its labels). K=40 is not run by default: its unrolled Jacobian step did not
+  compile in 17 min on the 2-core CPU. The Jacobian is of all parameters (heads included), as
+  for the CNN; the harness balances the shared ones (``shared_only``).
 
 Both report the **K-space part**: the same update on a K x 8 Jacobian (Gramian + K x K solve),
 and for the full step its share of the step (target: <= 5% at K=40).
@@ -20,8 +29,10 @@ and for the full step its share of the step (target: <= 5% at K=40).
     python -m benchmarks.methods
     python -m benchmarks.methods --tasks 10 --methods mgda upgrad --repeats 5
     python -m benchmarks.methods --no-update-alone --tasks 2 40
+    python -m benchmarks.methods --model segnet --tasks 2 3 10 --repeats 5
 
-Writes ``methods.json`` and ``methods.md`` to ``--out`` (default ``benchmarks/results``).
+Writes ``methods.json`` and ``methods.md`` (SegNet: ``methods_segnet.{json,md}``) to ``--out``
+(default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ import argparse
 import inspect
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +67,14 @@ STEP_METHODS = (
 )
 ENGINE = "EW (engine only)"
 GROUP_SIZE = 8
+# The SegNet's default K: at K=40 the unrolled Jacobian step of the SegNet did not finish
+# compiling in 17 min on the 2-core CPU (loaded; K=10: ~4 min per step function there).
+SEGNET_TASKS = (2, 3, 10)
+# The models of the full step: name -> setup(num_tasks, **model_kwargs) (`common.StepSetup`).
+MODELS: dict[str, Callable[..., common.StepSetup]] = {
+    "cnn": common.cnn_setup,
+    "segnet": common.segnet_setup,
+}
 
 
 def build(name: str, k: int) -> optax.GradientTransformationExtraArgs:
@@ -92,29 +113,37 @@ def update_fn(name: str, k: int, losses: jax.Array):
     return jax.jit(call)
 
 
-def step_fn(name: str, k: int):
-    """Jitted full training step: value_and_jacobian + chain(method, sum_tasks, adam)."""
-    tx = _chain(name, k, optax.adam(1e-3))
-    vj = mtl.value_and_jacobian(common.task_losses)
+def step_fn(name: str, k: int, loss_fn: Callable):
+    """Jitted full training step: value_and_jacobian + chain(method, sum_tasks, adam).
 
-    def step(params, opt_state, batch):
-        losses, jac = vj(params, batch)
+    ``loss_fn(params, model_state, batch) -> (losses, model_state)`` (`common.StepSetup`); the
+    step returns the new parameters, model state and optimizer state, and the task losses.
+    """
+    tx = _chain(name, k, optax.adam(1e-3))
+    vj = mtl.value_and_jacobian(loss_fn, has_aux=True)
+
+    def step(params, model_state, opt_state, batch):
+        (losses, model_state), jac = vj(params, model_state, batch)
         updates, opt_state = tx.update(
             jac, opt_state, params, task_losses=losses, **_extra(name, k)
         )
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, updates), model_state, opt_state, losses
 
     return tx, jax.jit(step)
 
 
-def grad_step_fn():
+def grad_step_fn(loss_fn: Callable):
     """Jitted EW step without the engine: jax.grad of the summed losses + adam."""
     tx = optax.adam(1e-3)
 
-    def step(params, opt_state, batch):
-        grads = jax.grad(lambda p: jnp.sum(common.task_losses(p, batch)))(params)
+    def summed(params, model_state, batch):
+        losses, model_state = loss_fn(params, model_state, batch)
+        return jnp.sum(losses), model_state
+
+    def step(params, model_state, opt_state, batch):
+        grads, model_state = jax.grad(summed, has_aux=True)(params, model_state, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, updates), model_state, opt_state
 
     return tx, jax.jit(step)
 
@@ -125,24 +154,32 @@ def kspace_times(names: list[str], k: int, losses: jax.Array, repeats: int) -> d
     return common.time_interleaved(fns, (tiny,), repeats)
 
 
-def full_steps(names: list[str], k: int, repeats: int) -> tuple[dict, dict]:
-    """Median step times (s) of every method and of the engine-only step it was timed with."""
-    params = common.init_hps_cnn(jax.random.key(0), k)
-    batch = common.make_batch(jax.random.key(3), k)
+def full_steps(
+    names: list[str], k: int, repeats: int, setup: common.StepSetup | None = None
+) -> tuple[dict, dict]:
+    """Median step times (s) of every method and of the engine-only step it was timed with.
+
+    ``setup``: the model (default: the benchmark CNN, `common.cnn_setup`).
+    """
+    setup = setup or common.cnn_setup(k)
+    params, model_state, batch = setup.params, setup.model_state, setup.batch
     times, baselines = {}, {}
-    engine_tx, engine = step_fn(ENGINE, k)
-    engine_state = engine_tx.init(params)
-    grad_tx, grad = grad_step_fn()
-    grad_state = grad_tx.init(params)
+
+    def call(step, opt_state):
+        return lambda: step(params, model_state, opt_state, batch)
+
+    engine_tx, engine = step_fn(ENGINE, k, setup.loss_fn)
+    engine_call = call(engine, engine_tx.init(params))
+    grad_tx, grad = grad_step_fn(setup.loss_fn)
+    grad_call = call(grad, grad_tx.init(params))
     groups = [names[i : i + GROUP_SIZE] for i in range(0, len(names), GROUP_SIZE)] or [[]]
     for g, group in enumerate(groups):
-        fns = {ENGINE: lambda: engine(params, engine_state, batch)}
+        fns = {ENGINE: engine_call}
         if g == 0:
-            fns["EW (jax.grad, no engine)"] = lambda: grad(params, grad_state, batch)
+            fns["EW (jax.grad, no engine)"] = grad_call
         for name in group:
-            tx, step = step_fn(name, k)
-            state = tx.init(params)
-            fns[name] = lambda s=step, st=state: s(params, st, batch)
+            tx, step = step_fn(name, k, setup.loss_fn)
+            fns[name] = call(step, tx.init(params))
         t = common.time_interleaved(fns, (), repeats, warmup=1)
         for name in group:
             times[name], baselines[name] = t[name], t[ENGINE]
@@ -160,8 +197,26 @@ def run(
     update_alone: bool = True,
     step_all_at_max: bool = True,
     steps: bool = True,
+    model: str = "cnn",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict:
-    results = {"machine": common.machine_description(), "rows": []}
+    """The measurements for every K in ``tasks``; ``model``: a key of `MODELS` (the update-alone
+    part is the CNN encoder's, so ``update_alone`` needs ``model='cnn'``)."""
+    defaults = {
+        n: p.default
+        for n, p in inspect.signature(MODELS[model]).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    model_kwargs = {**defaults, **(model_kwargs or {})}
+    if model != "cnn" and update_alone:
+        raise ValueError(
+            f"The update-alone measurement is the CNN's; model={model!r} needs update_alone=False."
+        )
+    results = {
+        "machine": common.machine_description(),
+        "model": {"name": model, **model_kwargs},
+        "rows": [],
+    }
     for k in tasks:
         losses = jnp.linspace(1.0, 2.0, k)
         step_names = [m for m in STEP_METHODS if m in methods]
@@ -174,7 +229,12 @@ def run(
         if not steps:
             step_names = []
         # The engine-only step is timed whenever a share of it is reported.
-        times, baselines = full_steps(step_names, k, repeats) if steps or alone_names else ({}, {})
+        if steps or alone_names:
+            setup = MODELS[model](k, **model_kwargs)
+            row["model_params"] = common.num_params(setup.params)
+            times, baselines = full_steps(step_names, k, repeats, setup)
+        else:
+            times, baselines = {}, {}
         engine = times.get(ENGINE, float("nan"))
         row["engine_step_ms"] = engine * 1e3
         row["grad_step_ms"] = times.get("EW (jax.grad, no engine)", float("nan")) * 1e3
@@ -230,10 +290,22 @@ def merge_rows(path: str, results: dict) -> dict:
     rows = [r for r in old["rows"] if r["num_tasks"] not in new_k] + results["rows"]
     machines = old.get("machines", [old["machine"]]) + [results["machine"]]
     return {
-        "machine": results["machine"],
+        **results,
         "machines": machines,
         "rows": sorted(rows, key=lambda r: r["num_tasks"]),
     }
+
+
+def describe_model(results: dict) -> str:
+    """The model of the full step, in words (results without ``'model'``: the CNN)."""
+    m = results.get("model", {"name": "cnn"})
+    if m["name"] == "cnn":
+        return "the benchmark CNN"
+    return (
+        f"the NYUv2 hard-sharing SegNet (filters {tuple(m['filters'])}, {m['height']}x"
+        f"{m['width']} inputs, batch {m['batch_size']}; K heads cycling segmentation, depth, "
+        "normal)"
+    )
 
 
 def to_markdown(results: dict) -> str:
@@ -259,9 +331,11 @@ def to_markdown(results: dict) -> str:
             ["engine-only / jax.grad EW step"]
             + [f"{r['engine_step_ms'] / r['grad_step_ms']:.2f}x" for r in rows]
         )
+        body.append(["jax.grad EW step"] + [f"{r['grad_step_ms']:.0f} ms" for r in rows])
         out.append(
-            "Full training step of the benchmark CNN (value_and_jacobian + method + sum_tasks + "
-            "adam) as a ratio to the engine-only step (value_and_jacobian + sum_tasks + adam), "
+            f"Full training step of {describe_model(results)} (value_and_jacobian + method + "
+            "sum_tasks + adam) as a ratio to the engine-only step (value_and_jacobian + "
+            "sum_tasks + adam), "
             "timed in the same round-robin / the K-space part (the method's update on a K x 8 "
             "Jacobian: Gramian + solve) as a share of the step. "
             f"backend={m['backend']}, {m['cpu_count']} CPUs, jax {m['jax']}, {m['date']}.\n\n"
@@ -295,7 +369,9 @@ def to_markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 10, 40])
+    parser.add_argument(
+        "--tasks", type=int, nargs="+", default=None, help="default: 2 3 10 40 (segnet: 2 3 10)"
+    )
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -316,16 +392,48 @@ def main() -> None:
     parser.add_argument(
         "--merge",
         action="store_true",
-        help="keep the rows of other K already in <out>/methods.json (re-measure some K only)",
+        help="keep the rows of other K already in the output JSON (re-measure some K only)",
     )
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="cnn",
+        help="the full step's model: the benchmark CNN, or the NYUv2 SegNet at reduced "
+        "resolution (full steps of issue 9's methods only; writes methods_segnet.{json,md})",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        nargs=2,
+        default=[64, 96],
+        metavar=("H", "W"),
+        help="SegNet input height and width (multiples of 32)",
+    )
+    parser.add_argument("--batch-size", type=int, default=2, help="SegNet batch size")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     methods = args.methods or [m for m in mtl.BALANCERS if m != "scalarize"]
-    results = run(args.tasks, methods, args.repeats, args.update_alone, args.step_all, args.steps)
+    name, model_kwargs, tasks = "methods", {}, args.tasks or [2, 3, 10, 40]
+    if args.model == "segnet":
+        tasks = args.tasks or list(SEGNET_TASKS)
+        name = "methods_segnet"
+        h, w = args.resolution
+        model_kwargs = {"height": h, "width": w, "batch_size": args.batch_size}
+    cnn = args.model == "cnn"
+    results = run(
+        tasks,
+        methods,
+        args.repeats,
+        args.update_alone and cnn,
+        args.step_all and cnn,
+        args.steps,
+        args.model,
+        model_kwargs,
+    )
     if args.merge:
-        results = merge_rows(os.path.join(args.out, "methods.json"), results)
+        results = merge_rows(os.path.join(args.out, f"{name}.json"), results)
     table = to_markdown(results)
-    paths = common.write_outputs("methods", args.out, results, table)
+    paths = common.write_outputs(name, args.out, results, table)
     print(table)
     print("wrote", *paths)
 
