@@ -12,6 +12,7 @@ it needs beyond ``num_tasks`` / ``task_losses`` go in the two tables below.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -108,11 +109,21 @@ def degenerate_cases(k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def run_steps(name, k, jacs, dtype=jnp.float32, **extra):
+@functools.cache
+def jitted(name: str, k: int, dtype=jnp.float32):
+    """The method at K tasks and its jitted update, shared by the tests of this module.
+
+    Compilation dominates these tests, so the shape, degenerate-input and determinism tests at
+    the same (method, K, dtype) run one compiled program (each run starts from a fresh state).
+    """
     tx = make(name, k)
+    return tx, jax.jit(tx.update)
+
+
+def run_steps(name, k, jacs, dtype=jnp.float32, **extra):
+    tx, update = jitted(name, k, dtype)
     params = params_like(k, dtype)
     state = tx.init(params)
-    update = jax.jit(tx.update)
     outs = []
     for step, jac in enumerate(jacs):
         out, state = update(jac, state, params, **update_kwargs(name, k, step), **extra)
@@ -163,7 +174,7 @@ def test_finite_on_degenerate_jacobians(name, k):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_deterministic_and_ignores_unknown_extra_args(name):
-    k = 4
+    k = 3  # the K of the tests above: run `a` reuses their compiled update
     rng = np.random.default_rng(2)
     jacs = [jac_from_rows(rng.normal(size=(k, 18))) for _ in range(3)]
     a, _ = run_steps(name, k, jacs)
