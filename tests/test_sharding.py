@@ -4,7 +4,9 @@ The checks run in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_cou
 set before jax starts): for data-parallel 8x1, FSDP 8x1 and data x model 4x2 meshes, one train
 step (``value_and_jacobian`` -> balancer -> ``sum_tasks`` -> sgd, jitted with explicit in/out
 shardings and donated buffers) of each balancer gives the parameters of the unsharded step to
-1e-5; a checkpoint saved under one mesh restores under another.
+1e-5; a checkpoint saved under one mesh restores under another. Each (method, mesh) pair is one
+compilation: the default run checks EW under all three meshes and every other method under one
+of the two meshes that shard parameters (`DEFAULT_MESHES`); ``-m slow`` checks every pair.
 """
 
 from __future__ import annotations
@@ -25,9 +27,20 @@ MESHES = {
     "fsdp8": ({"data": 8}, True, ()),
     "dp4_mp2": ({"data": 4, "model": 2}, False, ((r"dense.*\['w'\]", (None, "model")),)),
 }
+# The default run: EW under every mesh, each other method under FSDP 8x1 or data x model 4x2
+# (alternating), so every method and every mesh runs sharded with 14 compilations instead of the
+# 24 of the full matrix (the `slow` test `test_sharded_step_every_mesh`).
+DEFAULT_MESHES = {
+    "sum_tasks": ("dp8", "fsdp8", "dp4_mp2"),
+    "mgda": ("dp4_mp2",),
+    "pcgrad": ("fsdp8",),
+    "upgrad": ("dp4_mp2",),
+    "nash_mtl": ("fsdp8",),
+    "uncertainty_weighting": ("dp4_mp2",),
+}
 
 
-def _run_checks(out_path: str) -> None:
+def _run_checks(out_path: str, every_mesh: bool = False) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -70,7 +83,8 @@ def _run_checks(out_path: str) -> None:
         for _ in range(2):
             ref_p, ref_s = jax.jit(step)(ref_p, ref_s, batch0)
         results[name] = {}
-        for mesh_name, (axes, fsdp, rules) in MESHES.items():
+        for mesh_name in MESHES if every_mesh else DEFAULT_MESHES[name]:
+            axes, fsdp, rules = MESHES[mesh_name]
             mesh = sharding.make_mesh(axes)
             fsdp_axis = "data" if fsdp else None
             p_sh = sharding.tree_shardings(params0, mesh, rules, fsdp_axis)
@@ -132,14 +146,13 @@ def _run_checks(out_path: str) -> None:
         json.dump(results, f)
 
 
-@pytest.fixture(scope="module")
-def sharding_results(tmp_path_factory):
+def _checks_in_subprocess(tmp_path_factory, *args: str) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "results.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(out)],
+        [sys.executable, os.path.abspath(__file__), str(out), *args],
         env=env,
         cwd=root,
         capture_output=True,
@@ -151,17 +164,41 @@ def sharding_results(tmp_path_factory):
         return json.load(f)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_sharded_step_equals_single_device(sharding_results, method):
-    res = sharding_results[method]
+@pytest.fixture(scope="module")
+def sharding_results(tmp_path_factory):
+    return _checks_in_subprocess(tmp_path_factory)
+
+
+def _check_sharded_step(res, method, meshes):
     if res == "not registered":
         pytest.skip(f"{method} is not registered in mtl.BALANCERS")
+    assert sorted(res) == sorted(meshes), (method, sorted(res))
     for mesh_name, r in res.items():
         assert r["max_abs_err"] <= 1e-5 * max(1.0, r["scale"]), (method, mesh_name, r)
     # The meshes really shard something: FSDP splits every large parameter.
-    assert res["fsdp8"]["sharded_leaves"] >= 4
-    assert res["dp4_mp2"]["sharded_leaves"] >= 1
-    assert res["dp8"]["sharded_leaves"] == 0
+    if "fsdp8" in res:
+        assert res["fsdp8"]["sharded_leaves"] >= 4
+    if "dp4_mp2" in res:
+        assert res["dp4_mp2"]["sharded_leaves"] >= 1
+    if "dp8" in res:
+        assert res["dp8"]["sharded_leaves"] == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_step_equals_single_device(sharding_results, method):
+    _check_sharded_step(sharding_results[method], method, DEFAULT_MESHES[method])
+
+
+@pytest.fixture(scope="module")
+def sharding_results_every_mesh(tmp_path_factory):
+    return _checks_in_subprocess(tmp_path_factory, "all")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_step_every_mesh(sharding_results_every_mesh, method):
+    # The full method x mesh matrix; the default test above covers every method and every mesh.
+    _check_sharded_step(sharding_results_every_mesh[method], method, MESHES)
 
 
 def test_checkpoint_restores_under_another_mesh(sharding_results):
@@ -411,4 +448,4 @@ if __name__ == "__main__":
     if sys.argv[2:] == ["harness"]:
         _run_harness_checks(sys.argv[1])
     else:
-        _run_checks(sys.argv[1])
+        _run_checks(sys.argv[1], every_mesh=sys.argv[2:] == ["all"])
