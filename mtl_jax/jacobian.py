@@ -258,10 +258,29 @@ def gramian(jac: PyTree) -> jax.Array:
     g = jnp.zeros((k, k), acc)
     for leaf in leaves:
         rows = _flat_rows(leaf)
-        g = g + jnp.matmul(
+        blocks = _gram_blocks(k, rows.shape[1])
+        # Few tasks: view each row as b contiguous column blocks ([K * b, n / b], a free reshape),
+        # take that matrix's Gramian and sum its b diagonal blocks. Same sum; but XLA's CPU dot
+        # is far below memory speed for [K, n] x [n, K] with small K (measured, one process:
+        # [3, 23M] 255 -> 85 ms, [10, 1.1M] 75 -> 24 ms with b = 8; reading the Jacobian once
+        # takes 39 / 3 ms), and the b-fold FLOPs are cheap while K * b stays small.
+        rows = rows.reshape(k * blocks, -1)
+        full = jnp.matmul(
             rows, rows.T, preferred_element_type=acc, precision=jax.lax.Precision.HIGHEST
         )
+        if blocks > 1:
+            full = jnp.trace(full.reshape(k, blocks, k, blocks), axis1=1, axis2=3)
+        g = g + full
     return g
+
+
+def _gram_blocks(k: int, n: int) -> int:
+    """Column blocks per row for `gramian`: 8 up to 12 tasks (best of 1-16 measured at K=3 and
+    K=10), 1 beyond (no gain at K=40), at most n / 4096, and a divisor of n."""
+    b = min(8 if k <= 12 else 1, max(1, n // 4096))
+    while b > 1 and n % b:
+        b -= 1
+    return b
 
 
 def scale_rows(jac: PyTree, weights: jax.Array) -> PyTree:
