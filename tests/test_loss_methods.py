@@ -862,7 +862,19 @@ ALL_WEIGHTINGS = [
 
 
 @pytest.mark.parametrize(
-    "name", ["uncertainty_weighting", "dwa", "rlw", "gls", "imtl_l", "stch", "famo", "gradnorm"]
+    "name",
+    [
+        "uncertainty_weighting",
+        "dwa",
+        "rlw",
+        "gls",
+        "imtl_l",
+        "stch",
+        "famo",
+        "gradnorm",
+        "db_mtl",
+        "excess_mtl",
+    ],
 )
 def test_wrong_number_of_losses_fails_at_trace_time(name):
     tx = getattr(mtl, name)(3)

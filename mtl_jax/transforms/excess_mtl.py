@@ -125,7 +125,7 @@ def excess_mtl(
 
     The state holds a float32 accumulator the size of the Jacobian (K x parameters); use it
     inside `shared_only` to restrict it to the shared parameters (as LibMTL does).
-    ``task_losses`` is accepted but not needed.
+    ``task_losses`` is accepted (shape-checked) but not needed.
 
     Args:
       num_tasks: K.
@@ -152,9 +152,10 @@ def excess_mtl(
         return ExcessMTLState(acc, lw.init())
 
     def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
-        del task_losses
         k = jac_lib.num_tasks(updates, params)
         base.check_num_tasks(lw.name, lw.num_tasks, k)
+        if task_losses is not None:  # not needed, but a wrong shape is a wiring bug: say so
+            base.check_task_losses(lw.name, task_losses, k)
         risks, acc = excess_risks(updates, state.sq_grad_sum)
         extra_args = dict(extra_args, excess_risks=risks)
         weights, wstate = lw.update(jnp.zeros((k,), _F32), state.weighting, **extra_args)
