@@ -4,7 +4,8 @@ Two measurements per K in {2, 3, 10, 40}, each a ratio of timings taken in one p
 round-robin (see `common.time_interleaved`):
 
 * **Full step** (issue 9's "own ceiling"): one jitted training step of the benchmark CNN --
-  ``value_and_jacobian`` + ``chain(method, sum_tasks, adam)`` + ``apply_updates`` -- as a ratio
+  ``value_and_jacobian`` + ``mtl.chain(method, sum_tasks, adam)`` + ``apply_updates`` (the fused
+  reduction of `mtl.chain`; ``--unfused``: ``optax.chain``) -- as a ratio
   to the engine-only step (the same without the method: ``value_and_jacobian`` + ``sum_tasks``
   + ``adam``, i.e. EW through the Jacobian engine). Target: <= 1.10x at every K. Measured for
   the issue's method list at every K and for every method at the largest K. Each group of
@@ -29,6 +30,7 @@ and for the full step its share of the step (target: <= 5% at K=40).
     python -m benchmarks.methods
     python -m benchmarks.methods --tasks 10 --methods mgda upgrad --repeats 5
     python -m benchmarks.methods --no-update-alone --tasks 2 40
+    python -m benchmarks.methods --tasks 40 --methods mgda upgrad --unfused mgda upgrad
     python -m benchmarks.methods --model segnet --tasks 2 3 10 --repeats 5
 
 Writes ``methods.json`` and ``methods.md`` (SegNet: ``methods_segnet.{json,md}``) to ``--out``
@@ -77,7 +79,16 @@ MODELS: dict[str, Callable[..., common.StepSetup]] = {
 }
 
 
+# Suffix of a method timed in ``optax.chain`` instead of ``mtl.chain`` (``--unfused``).
+UNFUSED = " [optax.chain]"
+
+
+def _method(name: str) -> str:
+    return name.removesuffix(UNFUSED)
+
+
 def build(name: str, k: int) -> optax.GradientTransformationExtraArgs:
+    name = _method(name)
     factory = getattr(mtl, name)
     kwargs = dict(INIT_KWARGS.get(name, lambda k: {})(k))
     if "num_tasks" in inspect.signature(factory).parameters:
@@ -93,13 +104,17 @@ def random_jacobian(k: int, params, key) -> dict:
 
 
 def _extra(name: str, k: int) -> dict:
+    name = _method(name)
     return EXTRA_UPDATE_ARGS[name](k, 0) if name in EXTRA_UPDATE_ARGS else {}
 
 
 def _chain(name: str, k: int, *tail: optax.GradientTransformation):
+    """``mtl.chain(method, sum_tasks, *tail)``; a name ending in `UNFUSED`: ``optax.chain``,
+    which writes the re-combined K x P Jacobian before reducing it."""
+    chain = optax.chain if name.endswith(UNFUSED) else mtl.chain
     if name in ("sum_tasks", ENGINE):
-        return optax.chain(mtl.sum_tasks(), *tail)
-    return optax.chain(build(name, k), mtl.sum_tasks(), *tail)
+        return chain(mtl.sum_tasks(), *tail)
+    return chain(build(name, k), mtl.sum_tasks(), *tail)
 
 
 def update_fn(name: str, k: int, losses: jax.Array):
@@ -410,9 +425,18 @@ def main() -> None:
         help="SegNet input height and width (multiples of 32)",
     )
     parser.add_argument("--batch-size", type=int, default=2, help="SegNet batch size")
+    parser.add_argument(
+        "--unfused",
+        nargs="*",
+        default=[],
+        metavar="METHOD",
+        help="also time these methods in optax.chain (the unfused reduction), as "
+        "'METHOD [optax.chain]'",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     methods = args.methods or [m for m in mtl.BALANCERS if m != "scalarize"]
+    methods = list(methods) + [m + UNFUSED for m in args.unfused]
     name, model_kwargs, tasks = "methods", {}, args.tasks or [2, 3, 10, 40]
     if args.model == "segnet":
         tasks = args.tasks or list(SEGNET_TASKS)

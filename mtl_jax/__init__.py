@@ -26,6 +26,9 @@ from mtl_jax.representation import RepresentationStep, representation_value_and_
 from mtl_jax.solvers import min_norm_simplex, project_simplex
 from mtl_jax.transforms.aligned import aligned_mtl, aligned_mtl_weights
 from mtl_jax.transforms.base import (
+    RowCombination,
+    TaskReducer,
+    chain,
     gramian_weighting,
     label_by_path,
     mean_tasks,
@@ -118,6 +121,9 @@ __all__ = [
     "combine_rows",
     "get_balancer",
     "gramian",
+    "RowCombination",
+    "TaskReducer",
+    "chain",
     "gramian_weighting",
     "jacobian_rows",
     "label_by_path",

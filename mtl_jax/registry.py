@@ -11,6 +11,8 @@ from typing import Any
 
 import optax
 
+from mtl_jax.transforms import base
+
 # Jacobian -> Jacobian balancing methods (README method table; METHODS.md section 1).
 JACOBIAN_METHODS: tuple[str, ...] = (
     "scalarize",
@@ -111,7 +113,8 @@ def build_chain(
 ) -> optax.GradientTransformationExtraArgs:
     """Chains Jacobian -> Jacobian methods given as names or ``{'name': ..., **kwargs}`` specs.
 
-    The result still maps a Jacobian to a Jacobian; append a reducer (`mtl.sum_tasks`).
+    The result (`mtl.chain`) still maps a Jacobian to a Jacobian; append a reducer
+    (``mtl.chain(build_chain(...), mtl.sum_tasks())`` fuses the last row combination with it).
 
     Args:
       specs: method names, or mappings with a ``'name'`` and the method's keyword arguments
@@ -132,4 +135,4 @@ def build_chain(
         if num_tasks is not None and "num_tasks" in inspect.signature(_factory(name)).parameters:
             kwargs.setdefault("num_tasks", num_tasks)
         txs.append(get_balancer(name, **kwargs))
-    return optax.chain(*txs)
+    return base.chain(*txs)

@@ -31,28 +31,47 @@ class EmptyState(NamedTuple):
     """State of a stateless transform."""
 
 
-def sum_tasks() -> optax.GradientTransformationExtraArgs:
+def _empty_init(params):
+    del params
+    return EmptyState()
+
+
+class TaskReducer(optax.GradientTransformationExtraArgs):
+    """A task-axis reducer: Jacobian ``[K, ...]`` -> gradient ``r @ J`` for a fixed vector r.
+
+    An ``optax.GradientTransformationExtraArgs`` that also exposes ``task_weights(k) -> [K]``
+    (its r), so that `mtl.chain` can fuse it with a preceding `RowCombination`.
+    """
+
+    def __new__(cls, task_weights: Callable[[int], jax.Array]):
+        def init_fn(params):
+            del params
+            return EmptyState()
+
+        def update_fn(updates, state, params=None, **extra_args):
+            del extra_args
+            if not jax.tree.leaves(updates):  # an empty group of `shared_only` (no heads)
+                return updates, state
+            k = jac_lib.num_tasks(updates, params)
+            return _reduce(updates, task_weights(k)), state
+
+        self = super().__new__(cls, init_fn, update_fn)
+        self.task_weights = task_weights
+        return self
+
+
+def sum_tasks() -> TaskReducer:
     """Reduces the task axis by summing: Jacobian ``[K, ...]`` -> gradient ``[...]``.
 
     ``optax.chain(mtl.sum_tasks(), opt)`` on the output of `mtl.value_and_jacobian` equals
-    ``jax.grad`` of the summed losses (equal weighting, EW).
+    ``jax.grad`` of the summed losses (equal weighting, EW). After a balancer, prefer
+    ``mtl.chain(balancer, mtl.sum_tasks(), opt)``: same result, and for balancers that
+    re-combine rows (most of them) no K x P intermediate (see `mtl.chain`).
 
     References:
       Checked against: TorchJD ``Sum`` aggregator.
     """
-
-    def init_fn(params):
-        del params
-        return EmptyState()
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if not jax.tree.leaves(updates):  # an empty group of `shared_only` (a model w/o heads)
-            return updates, state
-        k = jac_lib.num_tasks(updates, params)
-        return _reduce(updates, jnp.ones((k,), jnp.float32)), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return TaskReducer(lambda k: jnp.ones((k,), jnp.float32))
 
 
 def _reduce(jac, weights):
@@ -61,28 +80,136 @@ def _reduce(jac, weights):
     return jac_lib.weighted_sum(jac, weights)
 
 
-def mean_tasks() -> optax.GradientTransformationExtraArgs:
+def mean_tasks() -> TaskReducer:
     """Reduces the task axis by averaging: Jacobian ``[K, ...]`` -> gradient ``[...]``.
 
     References:
       Checked against: TorchJD ``Mean`` aggregator.
     """
+    return TaskReducer(lambda k: jnp.full((k,), 1.0 / k, jnp.float32))
+
+
+# A row-combination rule: (updates, state, params, **extra) -> (rows, c, new_state), where the
+# method's output is ``c @ rows`` (c: [K_out, K]) or ``diag(c) @ rows`` (c: [K]).
+CombinationFn = Callable[..., tuple[PyTree, jax.Array, PyTree]]
+
+
+def apply_combination(rows: PyTree, c: jax.Array) -> PyTree:
+    """``diag(c) @ rows`` for a vector c, ``c @ rows`` for a matrix c."""
+    return jac_lib.scale_rows(rows, c) if c.ndim == 1 else jac_lib.combine_rows(rows, c)
+
+
+class RowCombination(optax.GradientTransformationExtraArgs):
+    """A balancer whose output is a re-combination of Jacobian rows: ``C @ J`` or ``diag(w) J``.
+
+    An ``optax.GradientTransformationExtraArgs`` (its ``update`` returns the re-combined rows, as
+    every balancer) that also exposes ``combination(updates, state, params, **extra) ->
+    (rows, c, new_state)``: the rows the combination applies to (the input itself for a single
+    method, an intermediate Jacobian for a chain ending in one) and ``c`` ([K] weights or a
+    [K_out, K] matrix). Most methods are of this kind (every Gramian method, every loss-level
+    method, PCGrad, GradVac); `mtl.chain` uses ``combination`` to reduce ``c`` and the task axis
+    in one ``w @ J`` instead of writing and re-reading ``diag(w) J``.
+
+    Args:
+      init: the optax init function.
+      combination: the rule above; jit-safe.
+      update: optional ``update`` (default ``apply_combination`` of ``combination``'s result).
+    """
+
+    def __new__(
+        cls,
+        init: Callable[[PyTree], PyTree],
+        combination: CombinationFn,
+        update: Callable[..., tuple[PyTree, PyTree]] | None = None,
+    ):
+        if update is None:
+
+            def update(updates, state, params=None, **extra_args):
+                rows, c, new_state = combination(updates, state, params, **extra_args)
+                return apply_combination(rows, c), new_state
+
+        self = super().__new__(cls, init, update)
+        self.combination = combination
+        return self
+
+
+def row_weighting(
+    init: Callable[[PyTree], PyTree],
+    weights: Callable[..., tuple[jax.Array, PyTree]],
+) -> RowCombination:
+    """A `RowCombination` from ``weights(updates, state, params, **extra) -> (c, new_state)``
+    whose combination applies to the transform's own input rows."""
+
+    def combination(updates, state, params=None, **extra_args):
+        c, new_state = weights(updates, state, params, **extra_args)
+        return updates, c, new_state
+
+    return RowCombination(init, combination)
+
+
+def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain`` with a fused row-combination + reduction.
+
+    Same updates, same state (a tuple of the inner states, as ``optax.chain``), same extra-args
+    forwarding. Where a `RowCombination` (a method whose output is ``C @ J``) is directly
+    followed by a `TaskReducer` (`sum_tasks`, `mean_tasks`), the pair becomes one contraction
+    ``(r @ C) @ J``: the re-combined K x P Jacobian is never written. On XLA CPU that write and
+    re-read costs about as much as the Gramian itself at K=40 (`benchmarks/methods.py`)::
+
+        tx = mtl.chain(mtl.upgrad(), mtl.sum_tasks(), optax.adam(1e-3))
+
+    A chain whose last transform is a `RowCombination` is itself one (so
+    ``mtl.chain(mtl.chain(mtl.uncertainty_weighting(3), mtl.pcgrad()), mtl.sum_tasks())`` and
+    ``shared_only(chain(...), labels)`` fuse too).
+
+    Args:
+      *transforms: optax transforms, Jacobian-level methods, reducers, optimizers.
+    """
+    txs = tuple(optax.with_extra_args_support(t) for t in transforms)
+    n = len(txs)
+
+    def fusable(i):
+        return (
+            i + 1 < n and isinstance(txs[i], RowCombination) and isinstance(txs[i + 1], TaskReducer)
+        )
 
     def init_fn(params):
-        del params
-        return EmptyState()
+        return tuple(t.init(params) for t in txs)
+
+    def run(updates, state, params, extra_args, stop):
+        new_state = list(state)
+        i = 0
+        while i < stop:
+            if fusable(i) and i + 1 < stop:
+                rows, c, new_state[i] = txs[i].combination(updates, state[i], params, **extra_args)
+                if jax.tree.leaves(rows):
+                    k = jac_lib.num_tasks(rows, params)
+                    r = txs[i + 1].task_weights(k).astype(c.dtype)
+                    updates = _reduce(rows, r @ c if c.ndim == 2 else r * c)
+                else:  # an empty group of `shared_only`
+                    updates = rows
+                i += 2
+            else:
+                updates, new_state[i] = txs[i].update(updates, state[i], params, **extra_args)
+                i += 1
+        return updates, new_state
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if not jax.tree.leaves(updates):  # an empty group of `shared_only` (a model w/o heads)
-            return updates, state
-        k = jac_lib.num_tasks(updates, params)
-        return _reduce(updates, jnp.full((k,), 1.0 / k, jnp.float32)), state
+        updates, new_state = run(updates, state, params, extra_args, n)
+        return updates, tuple(new_state)
 
+    if n and isinstance(txs[-1], RowCombination):
+
+        def combination(updates, state, params=None, **extra_args):
+            rows, new_state = run(updates, state, params, extra_args, n - 1)
+            rows, c, new_state[-1] = txs[-1].combination(rows, state[-1], params, **extra_args)
+            return rows, c, tuple(new_state)
+
+        return RowCombination(init_fn, combination, update_fn)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def scalarize(weights: Any) -> optax.GradientTransformationExtraArgs:
+def scalarize(weights: Any) -> RowCombination:
     """Fixed linear scalarization: row k of the Jacobian is multiplied by ``weights[k]``.
 
     With `sum_tasks` this gives the gradient of ``sum_k weights[k] * loss_k``: a fixed loss
@@ -98,21 +225,17 @@ def scalarize(weights: Any) -> optax.GradientTransformationExtraArgs:
     if w.ndim != 1:
         raise ValueError(f"scalarize: weights must be a 1-D vector [K], got shape {w.shape}.")
 
-    def init_fn(params):
-        del params
-        return EmptyState()
-
-    def update_fn(updates, state, params=None, **extra_args):
+    def weights(updates, state, params=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         if k != w.shape[0]:
             raise ValueError(f"scalarize: got {w.shape[0]} weights for a Jacobian with K={k}.")
-        return jac_lib.scale_rows(updates, w), state
+        return w, state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return row_weighting(_empty_init, weights)
 
 
-def gramian_weighting(weight_fn: WeightFn) -> optax.GradientTransformationExtraArgs:
+def gramian_weighting(weight_fn: WeightFn) -> RowCombination:
     """A stateless Gramian-based method from a pure weighting function.
 
     ``weight_fn`` maps the K x K Gramian to K weights; the transform returns ``diag(w) J``.
@@ -123,17 +246,12 @@ def gramian_weighting(weight_fn: WeightFn) -> optax.GradientTransformationExtraA
       weight_fn: ``[K, K] -> [K]``, jit-safe.
     """
 
-    def init_fn(params):
-        del params
-        return EmptyState()
-
-    def update_fn(updates, state, params=None, **extra_args):
+    def weights(updates, state, params=None, **extra_args):
         del extra_args
         jac_lib.num_tasks(updates, params)
-        weights = weight_fn(jac_lib.gramian(updates))
-        return jac_lib.scale_rows(updates, weights), state
+        return weight_fn(jac_lib.gramian(updates)), state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return row_weighting(_empty_init, weights)
 
 
 SHARED = "shared"
@@ -169,10 +287,8 @@ def shared_only(
       reducer: the task-axis reducer for both groups (default `sum_tasks`).
     """
     reducer = reducer if reducer is not None else sum_tasks()
-    heads = optax.chain(task_specific, reducer) if task_specific is not None else reducer
-    return optax.partition(
-        {SHARED: optax.chain(balancer, reducer), TASK_SPECIFIC: heads}, param_labels
-    )
+    heads = chain(task_specific, reducer) if task_specific is not None else reducer
+    return optax.partition({SHARED: chain(balancer, reducer), TASK_SPECIFIC: heads}, param_labels)
 
 
 def label_by_path(

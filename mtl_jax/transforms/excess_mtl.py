@@ -151,7 +151,7 @@ def excess_mtl(
         acc = jax.tree.map(lambda p: jnp.zeros((lw.num_tasks, *jnp.shape(p)), _F32), params)
         return ExcessMTLState(acc, lw.init())
 
-    def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    def weights_fn(updates, state, params=None, *, task_losses=None, **extra_args):
         k = jac_lib.num_tasks(updates, params)
         base.check_num_tasks(lw.name, lw.num_tasks, k)
         if task_losses is not None:  # not needed, but a wrong shape is a wiring bug: say so
@@ -159,6 +159,6 @@ def excess_mtl(
         risks, acc = excess_risks(updates, state.sq_grad_sum)
         extra_args = dict(extra_args, excess_risks=risks)
         weights, wstate = lw.update(jnp.zeros((k,), _F32), state.weighting, **extra_args)
-        return jac_lib.scale_rows(updates, weights), ExcessMTLState(acc, wstate)
+        return weights, ExcessMTLState(acc, wstate)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)

@@ -198,7 +198,7 @@ def gradnorm(
         del params
         return lw.init()
 
-    def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    def weights_fn(updates, state, params=None, *, task_losses=None, **extra_args):
         k = jac_lib.num_tasks(updates, params)
         base.check_num_tasks(lw.name, lw.num_tasks, k)
         mask = param_mask
@@ -208,9 +208,9 @@ def gradnorm(
             mask = mask(params)
         extra_args = dict(extra_args, grad_norms=task_grad_norms(updates, mask))
         weights, state = _checked_update(lw, task_losses, state, extra_args)
-        return jac_lib.scale_rows(updates, weights), state
+        return weights, state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)
 
 
 def _full_mask(param_mask: PyTree, params: PyTree) -> list[bool]:

@@ -64,13 +64,13 @@ def from_loss_weighting(weighting: LossWeighting) -> optax.GradientTransformatio
         del params
         return weighting.init()
 
-    def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    def weights_fn(updates, state, params=None, *, task_losses=None, **extra_args):
         k = jac_lib.num_tasks(updates, params)
         base.check_num_tasks(weighting.name, weighting.num_tasks, k)
         weights, state = _checked_update(weighting, task_losses, state, extra_args)
-        return jac_lib.scale_rows(updates, weights), state
+        return weights, state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)
 
 
 def weighted_value_and_grad(

@@ -163,7 +163,7 @@ def mgda(
         del params
         return base.EmptyState()
 
-    def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    def weights_fn(updates, state, params=None, *, task_losses=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         if normalization_type in ("loss", "loss+"):
@@ -176,6 +176,6 @@ def mgda(
             epsilon=epsilon,
             max_iters=max_iters,
         )
-        return jac_lib.scale_rows(updates, weights), state
+        return weights, state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)

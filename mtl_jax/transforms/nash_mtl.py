@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax import jacobian as jac_lib
+from mtl_jax.transforms import base
 from mtl_jax.transforms.base import check_num_tasks
 
 
@@ -205,7 +206,7 @@ def nash_mtl(
             alpha=jnp.ones((num_tasks,), jnp.float32), step=jnp.zeros((), jnp.int32)
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def weights_fn(updates, state, params=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         check_num_tasks("nash_mtl", num_tasks, k)
@@ -220,6 +221,6 @@ def nash_mtl(
             clip = jnp.isfinite(norm) & (norm > max_norm)
             weights = jnp.where(clip, alpha * (max_norm / jnp.where(clip, norm, 1.0)), alpha)
         new_state = NashMTLState(alpha=alpha.astype(state.alpha.dtype), step=state.step + 1)
-        return jac_lib.scale_rows(updates, weights), new_state
+        return weights, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax import jacobian as jac_lib
+from mtl_jax.transforms import base
 from mtl_jax.transforms.base import check_num_tasks
 
 PyTree = Any
@@ -135,14 +136,14 @@ def pcgrad(seed: int = 0) -> optax.GradientTransformationExtraArgs:
         del params
         return PCGradState(key=jax.random.key(seed))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def weights_fn(updates, state, params=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         key, sub = jax.random.split(state.key)
         c = pcgrad_matrix(jac_lib.gramian(updates), _task_orders(sub, k))
-        return jac_lib.combine_rows(updates, c), PCGradState(key=key)
+        return c, PCGradState(key=key)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def gradvac(
             phi_hat=jnp.zeros((num_tasks, num_tasks), jnp.float32), key=jax.random.key(seed)
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def weights_fn(updates, state, params=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         check_num_tasks("gradvac", num_tasks, k)
@@ -275,6 +276,6 @@ def gradvac(
             jac_lib.gramian(updates), state.phi_hat, _task_orders(sub, k), beta, eps
         )
         new_state = GradVacState(phi_hat=phi_hat.astype(state.phi_hat.dtype), key=key)
-        return jac_lib.combine_rows(updates, c), new_state
+        return c, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)

@@ -28,6 +28,7 @@ import optax
 
 from mtl_jax import jacobian as jac_lib
 from mtl_jax.solvers import project_simplex
+from mtl_jax.transforms import base
 from mtl_jax.transforms.base import check_num_tasks, check_task_losses
 
 PyTree = Any
@@ -148,15 +149,15 @@ def modo(
         del params
         return MoDoState(weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
-    def update_fn(updates, state, params=None, *, weight_jacobians=None, **extra_args):
+    def weights_fn(updates, state, params=None, *, weight_jacobians=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         check_num_tasks("modo", num_tasks, k)
         a = _weight_matrix("modo", updates, weight_jacobians)
         w = modo_step(a, state.weights, gamma, rho)
-        return jac_lib.scale_rows(updates, w), MoDoState(weights=w.astype(state.weights.dtype))
+        return w, MoDoState(weights=w.astype(state.weights.dtype))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,16 +277,16 @@ def sdmgrad(
         del params
         return SDMGradState(weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
-    def update_fn(updates, state, params=None, *, weight_jacobians=None, **extra_args):
+    def weights_fn(updates, state, params=None, *, weight_jacobians=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         check_num_tasks("sdmgrad", num_tasks, k)
         a = _weight_matrix("sdmgrad", updates, weight_jacobians)
         w, comb = sdmgrad_step(a, state.weights, lr, momentum, int(n_iter), lambda_, pref)
         new_state = SDMGradState(weights=w.astype(state.weights.dtype))
-        return jac_lib.scale_rows(updates, comb), new_state
+        return comb, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return base.row_weighting(init_fn, weights_fn)
 
 
 # ----------------------------------------------------------------------------------------------
