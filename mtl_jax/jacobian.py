@@ -250,7 +250,9 @@ def gramian(jac: PyTree) -> jax.Array:
     """The K x K Gramian ``G = J J^T`` of a per-task Jacobian, summed over leaves.
 
     Accumulates in float32 (or float64 when the leaves are float64) whatever the leaf dtype. With
-    sharded parameters XLA turns the sum over a sharded leaf into one all-reduce.
+    sharded parameters XLA turns the sum over a sharded leaf into one all-reduce. On a single
+    CPU device, leaves of 32768 or more parameters per task are summed over column blocks (2x
+    faster there); elsewhere each leaf is one dot.
     """
     k = num_tasks(jac)
     leaves = jax.tree.leaves(jac)
@@ -258,24 +260,65 @@ def gramian(jac: PyTree) -> jax.Array:
     g = jnp.zeros((k, k), acc)
     for leaf in leaves:
         rows = _flat_rows(leaf)
-        blocks = _gram_blocks(k, rows.shape[1])
-        # Few tasks: view each row as b contiguous column blocks ([K * b, n / b], a free reshape),
-        # take that matrix's Gramian and sum its b diagonal blocks. Same sum; but XLA's CPU dot
-        # is far below memory speed for [K, n] x [n, K] with small K (measured, one process:
-        # [3, 23M] 255 -> 85 ms, [10, 1.1M] 75 -> 24 ms with b = 8; reading the Jacobian once
-        # takes 39 / 3 ms), and the b-fold FLOPs are cheap while K * b stays small.
-        rows = rows.reshape(k * blocks, -1)
-        full = jnp.matmul(
-            rows, rows.T, preferred_element_type=acc, precision=jax.lax.Precision.HIGHEST
-        )
-        if blocks > 1:
-            full = jnp.trace(full.reshape(k, blocks, k, blocks), axis1=1, axis2=3)
-        g = g + full
+        if rows.shape[1] >= 2 * _GRAM_COLUMN_BLOCK and jax.device_count() == 1:
+            # XLA's CPU dot of [K, n] x [n, K] with a long n runs far below the FLOP rate (35
+            # GFLOP/s at K=40, 5 at K=3, on 2 cores): on CPU, sum the Gramians of [K, 16384]
+            # column blocks instead (80 and 10 GFLOP/s), each block fitting in cache.
+            # Measured in one process (`benchmarks/gramian.py`, README): [40, 1.1M] 128
+            # -> 47 ms, [10, 1M] 17.5 -> 10.5 ms, [3, 23M] 221 -> 34 ms. Single-device only: a
+            # dynamic slice of a sharded axis would gather it.
+            part = jax.lax.platform_dependent(
+                rows,
+                cpu=functools.partial(_gram_by_column_blocks, acc=acc),
+                default=functools.partial(_gram_dot, acc=acc),
+            )
+        else:
+            part = _gram_dot(rows, acc)
+        g = g + part
     return g
 
 
+# Columns per block of `_gram_by_column_blocks` (8192-32768 measured equal at K = 3-40).
+_GRAM_COLUMN_BLOCK = 16384
+
+
+def _gram_by_column_blocks(rows: jax.Array, acc) -> jax.Array:
+    """``rows @ rows.T`` as a sum over [K, c] column blocks (a fixed-trip `fori_loop`)."""
+    k, n = rows.shape
+    c = _GRAM_COLUMN_BLOCK
+    m = n // c
+
+    def body(i, g):
+        x = jax.lax.dynamic_slice_in_dim(rows, i * c, c, axis=1)
+        return g + _gram_matmul(x, acc)
+
+    g = jax.lax.fori_loop(0, m, body, jnp.zeros((k, k), acc))
+    if m * c < n:
+        g = g + _gram_matmul(rows[:, m * c :], acc)
+    return g
+
+
+def _gram_matmul(rows: jax.Array, acc) -> jax.Array:
+    return jnp.matmul(rows, rows.T, preferred_element_type=acc, precision=jax.lax.Precision.HIGHEST)
+
+
+def _gram_dot(rows: jax.Array, acc) -> jax.Array:
+    """``rows @ rows.T`` in one dot (few tasks: through the [K * b, n / b] view below)."""
+    k = rows.shape[0]
+    blocks = _gram_blocks(k, rows.shape[1])
+    # Few tasks: view each row as b contiguous column blocks ([K * b, n / b], a free reshape),
+    # take that matrix's Gramian and sum its b diagonal blocks. Same sum; but XLA's CPU dot is
+    # far below memory speed for [K, n] x [n, K] with small K (measured, one process: [3, 23M]
+    # 255 -> 85 ms, [10, 1.1M] 75 -> 24 ms with b = 8), and the b-fold FLOPs are cheap while
+    # K * b stays small. Used for small leaves and on meshes.
+    full = _gram_matmul(rows.reshape(k * blocks, -1), acc)
+    if blocks > 1:
+        full = jnp.trace(full.reshape(k, blocks, k, blocks), axis1=1, axis2=3)
+    return full
+
+
 def _gram_blocks(k: int, n: int) -> int:
-    """Column blocks per row for `gramian`: 8 up to 12 tasks (best of 1-16 measured at K=3 and
+    """Column blocks per row for `_gram_dot`: 8 up to 12 tasks (best of 1-16 measured at K=3 and
     K=10), 1 beyond (no gain at K=40), at most n / 4096, and a divisor of n."""
     b = min(8 if k <= 12 else 1, max(1, n // 4096))
     while b > 1 and n % b:

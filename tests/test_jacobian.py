@@ -137,6 +137,26 @@ def test_gramian_sums_over_leaves_in_float32():
     np.testing.assert_allclose(mtl.gramian(jac), flat @ flat.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [2, 13])
+def test_gramian_of_long_leaves_by_column_blocks(k):
+    # Leaves long enough for the CPU column-block loop (with a remainder block), in float32 and
+    # bfloat16, under jit and with a gradient through it: the plain product in float64.
+    n = 3 * jac_lib._GRAM_COLUMN_BLOCK + 123
+    rng = np.random.default_rng(k)
+    a = rng.normal(size=(k, n)).astype(np.float32)
+    b = rng.normal(size=(k, 2, n // 2)).astype(np.float32)
+    jac = {"a": jnp.asarray(a), "b": jnp.asarray(b, jnp.bfloat16)}
+    flat = np.concatenate([a, np.asarray(jac["b"], np.float64).reshape(k, -1)], axis=1)
+    ref = flat.astype(np.float64) @ flat.T.astype(np.float64)
+    jaxpr = str(jax.make_jaxpr(mtl.gramian)(jac))
+    assert jax.device_count() > 1 or "scan" in jaxpr or "while" in jaxpr  # the loop is used
+    g = jax.jit(mtl.gramian)(jac)
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    da = jax.grad(lambda x: jnp.trace(mtl.gramian({"a": x})))(jnp.asarray(a))
+    np.testing.assert_allclose(da, 2 * a, rtol=1e-6)
+
+
 def test_row_helpers():
     jac = {"a": jnp.arange(12.0).reshape(3, 2, 2), "b": jnp.ones((3, 1))}
     w = jnp.array([1.0, 0.0, 2.0])
