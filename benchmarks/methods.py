@@ -52,6 +52,7 @@ import optax
 
 import mtl_jax as mtl
 from benchmarks import common
+from mtl_jax.compare import method_not_applicable
 
 # The per-method constructor / update arguments of the common method test (one source of truth).
 from tests.test_common_methods import EXTRA_UPDATE_ARGS, INIT_KWARGS
@@ -234,10 +235,12 @@ def run(
     }
     for k in tasks:
         losses = jnp.linspace(1.0, 2.0, k)
-        step_names = [m for m in STEP_METHODS if m in methods]
+        # Methods undefined at this K (Krum below K=3) are left out of its row: "n/a".
+        defined = [m for m in methods if method_not_applicable(_method(m), k) is None]
+        step_names = [m for m in STEP_METHODS if m in defined]
         if step_all_at_max and k == max(tasks):
-            step_names += [m for m in methods if m not in step_names]
-        alone_names = list(methods) if update_alone else []
+            step_names += [m for m in defined if m not in step_names]
+        alone_names = defined if update_alone else []
         kspace = kspace_times(sorted(set(step_names) | set(alone_names)), k, losses, repeats)
         row = {"num_tasks": k}
 
@@ -360,10 +363,13 @@ def to_markdown(results: dict) -> str:
     if alone:
         header = ["method"] + [f"K={r['num_tasks']}" for r in alone]
         body = []
-        for name in alone[0]["methods"]:
+        for name in dict.fromkeys(n for r in alone for n in r["methods"]):
             cells = []
             for r in alone:
-                m_r = r["methods"][name]
+                m_r = r["methods"].get(name)
+                if m_r is None:
+                    cells.append("n/a")
+                    continue
                 cells.append(
                     f"{m_r['ratio_to_sum_tasks']:.2f}x / "
                     f"{100 * m_r['added_fraction_of_engine_step']:+.1f}% / "

@@ -86,3 +86,18 @@ def test_segnet_table_names_the_model():
     assert "| jax.grad EW step | 20 ms |" in table
     del results["model"]  # earlier outputs: the CNN
     assert "Full training step of the benchmark CNN" in methods.to_markdown(results)
+
+
+def test_methods_undefined_at_k_are_na_not_a_crash(monkeypatch):
+    # Krum needs K >= 3: at K=2 it is left out of the row (shown as n/a), at K=3 it is timed.
+    # The engine-only step (a CNN compile) is replaced by a fixed time; the updates are real.
+    monkeypatch.setattr(
+        methods, "full_steps", lambda names, k, repeats, setup: ({methods.ENGINE: 0.5}, {})
+    )
+    results = methods.run([2, 3], ["krum", "mgda"], repeats=1, steps=False)
+    k2, k3 = results["rows"]
+    assert set(k2["methods"]) == {"mgda"} and set(k3["methods"]) == {"krum", "mgda"}
+    assert all(math.isfinite(r["ratio_to_sum_tasks"]) for r in k3["methods"].values())
+    assert k2["steps"] == {} and k3["steps"] == {}
+    table = methods.to_markdown(results)
+    assert "| krum | n/a | " in table
