@@ -213,23 +213,30 @@ def time_interleaved(
     rounds: int,
     min_time: float = 0.0,
     warmup: int = 2,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Median wall time (seconds) of each ``fn(*args)``, measured round-robin.
 
     Every round calls each function once, so slow phases of a noisy machine hit all of them
-    alike and the ratios stay meaningful. The first ``warmup`` (compiling, warming) calls of each
-    function are excluded.
+    alike and the ratios stay meaningful. The order is shuffled every round (seeded): a
+    function that always ran right after the same heavy one would otherwise pay for that
+    neighbour's freed memory and cold caches on every call (seen: the first function of a
+    38-function round timed 2x slower than alone). The first ``warmup`` (compiling, warming)
+    calls of each function are excluded.
     """
     for fn in fns.values():
         for _ in range(warmup):
             _block(fn(*args))
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    rng = np.random.default_rng(seed)
     start = time.perf_counter()
     n = 0
     while n < rounds or (time.perf_counter() - start < min_time and n < 20 * rounds):
-        for name, fn in fns.items():
+        for i in rng.permutation(len(names)):
+            name = names[i]
             t0 = time.perf_counter()
-            _block(fn(*args))
+            _block(fns[name](*args))
             times[name].append(time.perf_counter() - t0)
         n += 1
     return {name: statistics.median(ts) for name, ts in times.items()}

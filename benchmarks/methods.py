@@ -24,6 +24,9 @@ round-robin (see `common.time_interleaved`):
   compile in 17 min on the 2-core CPU. The Jacobian is of all parameters (heads included), as
   for the CNN; the harness balances the shared ones (``shared_only``).
 
+Every function is timed from the state after `ADVANCE` (2) updates -- a steady-state step, not
+a method's first one -- and the functions of a round run in a shuffled order.
+
 Both report the **K-space part**: the same update on a K x 8 Jacobian (Gramian + K x K solve),
 and for the full step its share of the step (target: <= 5% at K=40).
 
@@ -69,6 +72,12 @@ STEP_METHODS = (
     "uncertainty_weighting",
 )
 ENGINE = "EW (engine only)"
+# Overrides of the common test's constructor arguments: the common test re-chooses the
+# sparse_training mask every 2 steps to exercise the refresh; timed here is the paper's fixed
+# mask (chosen at the first update, so not in a steady-state step).
+BENCHMARK_KWARGS: dict[str, dict[str, Any]] = {"sparse_training": {"refresh_every": None}}
+# Updates (steps) run before timing, so that every method is timed in its steady state.
+ADVANCE = 2
 GROUP_SIZE = 8
 # The SegNet's default K: at K=40 the unrolled Jacobian step of the SegNet did not finish
 # compiling in 17 min on the 2-core CPU (loaded; K=10: ~4 min per step function there).
@@ -92,6 +101,7 @@ def build(name: str, k: int) -> optax.GradientTransformationExtraArgs:
     name = _method(name)
     factory = getattr(mtl, name)
     kwargs = dict(INIT_KWARGS.get(name, lambda k: {})(k))
+    kwargs.update(BENCHMARK_KWARGS.get(name, {}))
     if "num_tasks" in inspect.signature(factory).parameters:
         kwargs.setdefault("num_tasks", k)
     return factory(**kwargs)
@@ -118,15 +128,20 @@ def _chain(name: str, k: int, *tail: optax.GradientTransformation):
     return chain(build(name, k), mtl.sum_tasks(), *tail)
 
 
-def update_fn(name: str, k: int, losses: jax.Array):
-    """Jitted ``chain(method, sum_tasks)`` update of a Jacobian (state from init)."""
+def update_fn(name: str, k: int, losses: jax.Array, jac: dict) -> Callable[[dict], dict]:
+    """Jitted ``chain(method, sum_tasks)`` update of a Jacobian, from a steady state.
+
+    The state is the one after `ADVANCE` updates on ``jac`` (an argument of the jitted
+    function, not a constant): the timed call is an ordinary step, not a method's first one
+    (sparse_training chooses its mask, GradNorm/DWA record initial losses at the first).
+    """
     tx = _chain(name, k)
-
-    def call(jac):
-        state = tx.init(jax.tree.map(lambda x: x[0], jac))
-        return tx.update(jac, state, None, task_losses=losses, **_extra(name, k))[0]
-
-    return jax.jit(call)
+    extra = _extra(name, k)
+    update = jax.jit(lambda j, s: tx.update(j, s, None, task_losses=losses, **extra))
+    state = tx.init(jax.tree.map(lambda x: x[0], jac))
+    for _ in range(ADVANCE):
+        state = update(jac, state)[1]
+    return lambda j: update(j, state)[0]
 
 
 def step_fn(name: str, k: int, loss_fn: Callable):
@@ -166,7 +181,7 @@ def grad_step_fn(loss_fn: Callable):
 
 def kspace_times(names: list[str], k: int, losses: jax.Array, repeats: int) -> dict[str, float]:
     tiny = {"w": jax.random.normal(jax.random.key(2), (k, 8))}
-    fns = {name: update_fn(name, k, losses) for name in names}
+    fns = {name: update_fn(name, k, losses, tiny) for name in names}
     return common.time_interleaved(fns, (tiny,), repeats)
 
 
@@ -182,6 +197,9 @@ def full_steps(
     times, baselines = {}, {}
 
     def call(step, opt_state):
+        # From the optimizer/balancer state after `ADVANCE` steps (a steady state).
+        for _ in range(ADVANCE):
+            opt_state = step(params, model_state, opt_state, batch)[2]
         return lambda: step(params, model_state, opt_state, batch)
 
     engine_tx, engine = step_fn(ENGINE, k, setup.loss_fn)
@@ -275,7 +293,7 @@ def run(
         if alone_names:
             encoder = common.init_hps_cnn(jax.random.key(0), k)["encoder"]
             jac = random_jacobian(k, encoder, jax.random.key(1))
-            fns = {name: update_fn(name, k, losses) for name in ["sum_tasks"] + alone_names}
+            fns = {name: update_fn(name, k, losses, jac) for name in ["sum_tasks"] + alone_names}
             t = common.time_interleaved(fns, (jac,), repeats)
             base = t["sum_tasks"]
             row["num_params"] = common.num_params(encoder)

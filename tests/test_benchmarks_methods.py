@@ -1,6 +1,7 @@
 """The balancer-cost benchmark (`benchmarks/methods.py`) on the NYUv2 SegNet (``--model segnet``).
 
-A tiny SegNet (filters 4-8, 32x32 inputs) runs one full training step; no timing asserts.
+A tiny SegNet (filters 4-8, 32x32 inputs) runs one full training step; methods undefined at
+a K and the steady-state update are checked on small Jacobians. No timing asserts.
 """
 
 from __future__ import annotations
@@ -101,3 +102,16 @@ def test_methods_undefined_at_k_are_na_not_a_crash(monkeypatch):
     assert k2["steps"] == {} and k3["steps"] == {}
     table = methods.to_markdown(results)
     assert "| krum | n/a | " in table
+
+
+def test_update_alone_is_timed_from_a_steady_state():
+    # sparse_training chooses its mask at its first update and keeps it: the timed update must
+    # apply the mask chosen on the advance Jacobian, not choose a new one from its input.
+    k = 3
+    jac = {"w": jax.random.normal(jax.random.key(0), (k, 100))}
+    other = {"w": jax.random.normal(jax.random.key(1), (k, 100))}
+    fn = methods.update_fn("sparse_training", k, np.linspace(1.0, 2.0, k), jac)
+    scores = np.square(np.asarray(jac["w"]).sum(0))
+    keep = scores >= np.median(scores)  # default sparsity 0.5: the top 50 columns
+    out = np.asarray(fn(other)["w"])
+    np.testing.assert_allclose(out, np.asarray(other["w"]).sum(0) * keep, rtol=1e-5, atol=1e-6)
