@@ -133,7 +133,8 @@ def update_fn(name: str, k: int, losses: jax.Array, jac: dict) -> Callable[[dict
 
     The state is the one after `ADVANCE` updates on ``jac`` (an argument of the jitted
     function, not a constant): the timed call is an ordinary step, not a method's first one
-    (sparse_training chooses its mask, GradNorm/DWA record initial losses at the first).
+    (sparse_training chooses its mask at the first; GradNorm records its initial losses there
+    and acts from the second).
     """
     tx = _chain(name, k)
     extra = _extra(name, k)
@@ -260,7 +261,8 @@ def run(
             step_names += [m for m in defined if m not in step_names]
         alone_names = defined if update_alone else []
         kspace = kspace_times(sorted(set(step_names) | set(alone_names)), k, losses, repeats)
-        row = {"num_tasks": k}
+        # Each row dated: with --merge, rows of one file come from different runs.
+        row = {"num_tasks": k, "date": results["machine"]["date"]}
 
         if not steps:
             step_names = []
@@ -403,6 +405,9 @@ def to_markdown(results: dict) -> str:
             "same update on a K x 8 Jacobian (the K-space part).\n\n"
             + common.markdown_table(header, body)
         )
+    dates = {r["num_tasks"]: r["date"] for r in rows if "date" in r}
+    if len(set(dates.values())) > 1:  # rows merged from several runs (--merge)
+        out.append("Runs: " + ", ".join(f"K={k} {d}" for k, d in dates.items()) + ".\n")
     return "\n".join(out)
 
 
