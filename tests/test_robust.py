@@ -85,3 +85,20 @@ def test_trimmed_mean_rank_is_the_stable_argsort_rank():
     x = x.at[2, 0, 0].set(jnp.nan).at[5, 0, 0].set(jnp.nan).at[1, 1, 1].set(-0.0)
     expected = jnp.argsort(jnp.argsort(x, axis=0, stable=True), axis=0, stable=True)
     np.testing.assert_array_equal(jax.jit(robust._stable_task_rank)(x), expected)
+
+
+@pytest.mark.parametrize("trim_number", [0, 1, 2, 3])
+def test_trim_keep_matches_the_rank_on_ties_nans_and_signed_zeros(trim_number):
+    # Both paths (extraction for few trimmed values, the rank count otherwise) keep exactly the
+    # entries whose stable rank lies in [trim_number, K - trim_number).
+    x = jnp.round(2.0 * jax.random.normal(jax.random.key(1), (31, 6, 4))) / 2.0
+    x = x.at[2, 0, 0].set(jnp.nan).at[5, 0, 0].set(jnp.nan).at[1, 1, 1].set(-0.0)
+    x = x.at[:, 2, 2].set(jnp.nan).at[:, 3, 3].set(1.0).at[7, 4, 0].set(jnp.inf)
+    rank = jnp.argsort(jnp.argsort(x, axis=0, stable=True), axis=0, stable=True)
+    expected = (rank >= trim_number) & (rank < 31 - trim_number)
+    keep = jax.jit(robust._trim_keep, static_argnums=1)
+    np.testing.assert_array_equal(keep(x, trim_number), expected)
+    for largest in (False, True):
+        mask = jax.jit(robust._extreme_tasks, static_argnums=(1, 2))(x, trim_number, largest)
+        want = rank >= 31 - trim_number if largest else rank < trim_number
+        np.testing.assert_array_equal(mask, want)

@@ -110,6 +110,58 @@ def _stable_task_rank(leaf: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, k, count, jnp.zeros(leaf.shape, jnp.int32))
 
 
+def _extreme_tasks(leaf: jax.Array, count: int, largest: bool) -> jax.Array:
+    """Mask of the ``count`` entries per coordinate with the lowest (or highest) stable rank.
+
+    Equals ``rank < count`` (or ``rank >= K - count``) for the rank of `_stable_task_rank`,
+    found by ``count`` extractions. Each walks the task rows once, carrying per coordinate the
+    extreme value so far (NaN above every number) and its task: a row replaces it only when
+    strictly smaller (for the lowest rank: ties keep the earlier task, as a stable ascending sort
+    places them) or when not smaller (for the highest: ties go to the later task). Costs
+    ``O(count K P)`` against the rank count's ``O(K^2 P)``; row-wise elementwise passes because
+    XLA CPU reduces over a leading axis several times slower than it reads it.
+    """
+    k = leaf.shape[0]
+    task = jax.lax.broadcasted_iota(jnp.int32, leaf.shape, 0)
+
+    def extract(_, taken):
+        def visit(j, carry):
+            best, best_task = carry
+            row = jax.lax.dynamic_index_in_dim(leaf, j, 0, keepdims=False)
+            row_open = ~jax.lax.dynamic_index_in_dim(taken, j, 0, keepdims=False)
+            if largest:
+                better = ~_sort_lt(row, best)
+            else:
+                better = _sort_lt(row, best)
+            replace = row_open & ((best_task < 0) | better)
+            return jnp.where(replace, row, best), jnp.where(replace, j, best_task)
+
+        init = (jnp.zeros(leaf.shape[1:], leaf.dtype), jnp.full(leaf.shape[1:], -1, jnp.int32))
+        _, pick = jax.lax.fori_loop(0, k, visit, init)
+        return taken | (task == pick[None])
+
+    return jax.lax.fori_loop(0, count, extract, jnp.zeros(leaf.shape, bool))
+
+
+def _trim_keep(leaf: jax.Array, trim_number: int) -> jax.Array:
+    """Entries that survive trimming ``trim_number`` values off each end of every coordinate.
+
+    Exactly ``trim_number <= rank < K - trim_number`` for the stable rank; by extraction
+    (`_extreme_tasks`, ~2 passes over the leaf per trimmed value) when few values are trimmed,
+    by the rank count (K passes) otherwise. At K=40, trim_number=1 on the benchmark's 1.1M
+    parameters the extraction replaced a rank count that took ~70% of a training step.
+    """
+    k = leaf.shape[0]
+    if trim_number == 0:
+        return jnp.ones(leaf.shape, bool)
+    if 2 * trim_number * 2 < k:
+        low = _extreme_tasks(leaf, trim_number, largest=False)
+        high = _extreme_tasks(leaf, trim_number, largest=True)
+        return ~(low | high)
+    rank = _stable_task_rank(leaf)
+    return (rank >= trim_number) & (rank < k - trim_number)
+
+
 def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
     """Coordinate-wise trimmed mean of the task gradients.
 
@@ -157,8 +209,7 @@ def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
         n_kept = k - 2 * trim_number
 
         def trim(leaf):
-            rank = _stable_task_rank(leaf)
-            keep = (rank >= trim_number) & (rank < k - trim_number)
+            keep = _trim_keep(leaf, trim_number)
             kept = leaf / jnp.asarray(n_kept, leaf.dtype)
             return jnp.where(keep, kept, jnp.zeros((), leaf.dtype))
 

@@ -316,7 +316,8 @@ def moco(
     ``y <- y - beta / t^beta_sigma (y - h)``; the weights take a softmax step,
     ``lambda <- softmax(lambda - gamma / t^gamma_sigma (y y^T + rho I) lambda)``; the update is
     ``y^T lambda``, returned as ``diag(lambda) y`` (the rows are the tracked gradients, not
-    the input ones). ``y`` has the shape of the Jacobian and lives in the state (K times the
+    the input ones; a `RowCombination` of y, so ``mtl.chain(mtl.moco(K), mtl.sum_tasks())``
+    reduces it in one ``lambda @ y`` without writing ``diag(lambda) y``). ``y`` has the shape of the Jacobian and lives in the state (K times the
     parameter memory). Needs ``task_losses``.
 
     Args:
@@ -365,7 +366,7 @@ def moco(
             step=jnp.zeros((), jnp.int32),
         )
 
-    def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    def combination(updates, state, params=None, *, task_losses=None, **extra_args):
         del extra_args
         k = jac_lib.num_tasks(updates, params)
         check_num_tasks("moco", num_tasks, k)
@@ -395,12 +396,17 @@ def moco(
         step_size = gamma / t**gamma_sigma
         new_lam = jax.nn.softmax(lam - step_size * (gy + rho * jnp.eye(k, dtype=gy.dtype)) @ lam)
         new_lam = _finite_or(new_lam, lam)
-        y_ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(y)]))
-        y = jax.tree.map(lambda new, old: jnp.where(y_ok, new, old), y, state.y)
-        out = jax.tree.map(
-            lambda yl, u: yl.astype(u.dtype), jac_lib.scale_rows(y, new_lam), updates
-        )
+        # y is finite exactly when its Gramian's diagonal (its rows' squared norms) is, short of
+        # entries above ~1e19 whose squares overflow (then the old y is kept too): no extra pass.
+        y_ok = jnp.all(jnp.isfinite(jnp.diag(gy)))
+        y = jax.lax.cond(y_ok, lambda: y, lambda: state.y)
         new_state = MoCoState(y=y, weights=new_lam.astype(state.weights.dtype), step=step)
+        return y, new_lam, new_state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        y, lam, new_state = combination(updates, state, params, **extra_args)
+        out = jax.tree.map(lambda yl, u: yl.astype(u.dtype), jac_lib.scale_rows(y, lam), updates)
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # A RowCombination of the tracked rows y: `mtl.chain` reduces diag(lambda) y in one w @ y.
+    return base.RowCombination(init_fn, combination, update_fn)
