@@ -317,8 +317,9 @@ def moco(
     ``lambda <- softmax(lambda - gamma / t^gamma_sigma (y y^T + rho I) lambda)``; the update is
     ``y^T lambda``, returned as ``diag(lambda) y`` (the rows are the tracked gradients, not
     the input ones; a `RowCombination` of y, so ``mtl.chain(mtl.moco(K), mtl.sum_tasks())``
-    reduces it in one ``lambda @ y`` without writing ``diag(lambda) y``). ``y`` has the shape of the Jacobian and lives in the state (K times the
-    parameter memory). Needs ``task_losses``.
+    reduces it in one ``lambda @ y`` without writing ``diag(lambda) y``). ``y`` has the shape
+    of the Jacobian and lives in the state (K times the parameter memory). Needs
+    ``task_losses``.
 
     Args:
       num_tasks: K.
