@@ -30,7 +30,7 @@ def random_jac(step: int):
 
 # Default run: one of each kind of combination (vector weights from a Gramian / a stateful
 # solver / losses, a K x K matrix, a non-combination); all methods under `-m slow`.
-FAST = ("mgda", "nash_mtl", "pcgrad", "uncertainty_weighting", "graddrop")
+FAST = ("mgda", "nash_mtl", "pcgrad", "uncertainty_weighting", "graddrop", "moco", "db_mtl")
 ALL = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(mtl.BALANCERS)]
 
 
@@ -87,6 +87,30 @@ def test_row_combinations_fuse(name):
     tx = make(name, K)
     assert isinstance(tx, mtl.RowCombination), name
     assert not _has_task_shaped_product(_jaxpr(mtl.chain(tx, mtl.sum_tasks()), name), (K, 5, 3))
+
+
+@pytest.mark.parametrize("name", ["moco", "db_mtl"])
+def test_tracked_row_methods_combine_their_state_rows(name):
+    """MoCo and DB-MTL output ``diag(w) y`` for Jacobian-shaped state y: RowCombinations of y,
+    whose fused chain forms one task-shaped product fewer than the plain chain (the EMA's own
+    products remain)."""
+    tx = make(name, K)
+    assert isinstance(tx, mtl.RowCombination), name
+    rows, c, _ = tx.combination(random_jac(0), tx.init(params_like(K)), **update_kwargs(name, K))
+    assert c.shape == (K,) and jax.tree.structure(rows) == jax.tree.structure(random_jac(0))
+
+    def count(jaxpr):
+        n = sum(
+            eqn.primitive.name == "mul" and any(v.aval.shape == (K, 5, 3) for v in eqn.outvars)
+            for eqn in jaxpr.eqns
+        )
+        return n + sum(
+            count(sub) for e in jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(e.params)
+        )
+
+    fused = count(_jaxpr(mtl.chain(make(name, K), mtl.sum_tasks()), name))
+    plain = count(_jaxpr(optax.chain(make(name, K), mtl.sum_tasks()), name))
+    assert fused == plain - 1, (fused, plain)
 
 
 def test_the_fusion_check_sees_the_unfused_product():

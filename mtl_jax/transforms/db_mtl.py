@@ -83,8 +83,10 @@ def db_mtl(
     ``m_k <- g_k + (beta / t^beta_sigma) (m_k - g_k)``, ``alpha_k = max_j ||m_j|| /
     (||m_k|| + 1e-8)``; the output rows are ``alpha_k m_k`` (so `sum_tasks` gives LibMTL's
     new shared gradient). Unlike the other loss-level methods the rows are not a rescaling of
-    this step's Jacobian when ``beta > 0``. The state holds a float32 buffer the size of the
-    Jacobian; use inside `shared_only` to restrict it to the shared parameters (as LibMTL).
+    this step's Jacobian when ``beta > 0``; as a `RowCombination` of the buffer,
+    ``mtl.chain(mtl.db_mtl(K), mtl.sum_tasks())`` reduces them in one dot. The state holds a
+    float32 buffer the size of the Jacobian; use inside `shared_only` to restrict it to the
+    shared parameters (as LibMTL).
 
     Args:
       num_tasks: K.
@@ -116,7 +118,7 @@ def db_mtl(
         buf = jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), _F32), params)
         return DBMTLState(buf, jnp.zeros((), jnp.int32))
 
-    def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    def combination(updates, state, params=None, *, task_losses=None, **extra_args):
         del extra_args
         kk = jac_lib.num_tasks(updates, params)
         base.check_num_tasks(name, k, kk)
@@ -131,7 +133,12 @@ def db_mtl(
 
         buf = jax.tree.map(ema, updates, state.grad_buffer)
         alpha = db_mtl_alpha(task_grad_norms(buf))
-        out = jax.tree.map(lambda m, j: jac_lib.scale_rows(m, alpha).astype(j.dtype), buf, updates)
-        return out, DBMTLState(buf, step)
+        return buf, alpha, DBMTLState(buf, step)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def update_fn(updates, state, params=None, **extra_args):
+        buf, alpha, new_state = combination(updates, state, params, **extra_args)
+        out = jax.tree.map(lambda m, j: jac_lib.scale_rows(m, alpha).astype(j.dtype), buf, updates)
+        return out, new_state
+
+    # A RowCombination of the gradient buffer: `mtl.chain` reduces diag(alpha) buf in one dot.
+    return base.RowCombination(init_fn, combination, update_fn)
