@@ -115,3 +115,14 @@ def test_update_alone_is_timed_from_a_steady_state():
     keep = scores >= np.median(scores)  # default sparsity 0.5: the top 50 columns
     out = np.asarray(fn(other)["w"])
     np.testing.assert_allclose(out, np.asarray(other["w"]).sum(0) * keep, rtol=1e-5, atol=1e-6)
+
+
+def test_timed_update_threads_its_donated_state():
+    # The timed update donates its state: repeated calls must thread it (a reused donated
+    # buffer raises), and MoCo's tracked rows keep moving towards the input.
+    k = 3
+    jac = {"w": jax.random.normal(jax.random.key(0), (k, 100))}
+    fn = methods.update_fn("moco", k, np.linspace(1.0, 2.0, k), jac)
+    outs = [np.asarray(fn(jac)["w"]) for _ in range(3)]
+    assert all(np.all(np.isfinite(o)) for o in outs)
+    assert not np.allclose(outs[0], outs[2])
