@@ -144,28 +144,33 @@ def update_fn(name: str, k: int, losses: jax.Array, jac: dict) -> Callable[[dict
     update = jax.jit(
         lambda j, s: tx.update(j, s, None, task_losses=losses, **extra), donate_argnums=1
     )
-    box = [_distinct(tx.init(jax.tree.map(lambda x: x[0], jac)))]
-    for _ in range(ADVANCE):
-        box[0] = update(jac, box[0])[1]
-
-    def timed(j):
-        out, box[0] = update(j, box[0])
-        return out
-
-    return timed
+    return _threaded(
+        lambda s, j: update(j, s), tx.init(jax.tree.map(lambda x: x[0], jac)), (jac,), ADVANCE
+    )
 
 
 def threaded_step(step, params, model_state, opt_state, batch, advance: int = ADVANCE):
     """A no-argument call of a `step_fn` step (which donates its optimizer state) that threads
     that state through the calls, as a training loop does, after ``advance`` steps (a steady
     state). Parameters and batch stay fixed."""
-    box = [_distinct(opt_state)]
-    for _ in range(advance):
-        box[0] = step(params, model_state, box[0], batch)[2]
 
-    def timed():
-        out = step(params, model_state, box[0], batch)
-        box[0] = out[2]
+    def call(s):
+        out = step(params, model_state, s, batch)
+        return out, out[2]
+
+    return _threaded(call, opt_state, (), advance)
+
+
+def _threaded(call, state, advance_args: tuple, advance: int):
+    """``timed(*args) -> out`` for ``call(state, *args) -> (out, new_state)`` with a donated
+    state: each call consumes the state and keeps the new one; first ``advance`` calls on
+    ``advance_args``."""
+    box = [_distinct(state)]
+    for _ in range(advance):
+        box[0] = call(box[0], *advance_args)[1]
+
+    def timed(*args):
+        out, box[0] = call(box[0], *args)
         return out
 
     return timed
