@@ -26,6 +26,7 @@ from mtl_jax.representation import RepresentationStep, representation_value_and_
 from mtl_jax.solvers import min_norm_simplex, project_simplex
 from mtl_jax.transforms.aligned import aligned_mtl, aligned_mtl_weights
 from mtl_jax.transforms.base import (
+    Reducible,
     RowCombination,
     TaskReducer,
     chain,
@@ -121,6 +122,7 @@ __all__ = [
     "combine_rows",
     "get_balancer",
     "gramian",
+    "Reducible",
     "RowCombination",
     "TaskReducer",
     "chain",

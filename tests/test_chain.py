@@ -29,8 +29,18 @@ def random_jac(step: int):
 
 
 # Default run: one of each kind of combination (vector weights from a Gramian / a stateful
-# solver / losses, a K x K matrix, a non-combination); all methods under `-m slow`.
-FAST = ("mgda", "nash_mtl", "pcgrad", "uncertainty_weighting", "graddrop", "moco", "db_mtl")
+# solver / losses, a K x K matrix, the elementwise `Reducible`s, Jacobian-shaped state); all
+# methods under `-m slow`.
+FAST = (
+    "mgda",
+    "nash_mtl",
+    "pcgrad",
+    "uncertainty_weighting",
+    "graddrop",
+    "trimmed_mean",
+    "moco",
+    "db_mtl",
+)
 ALL = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(mtl.BALANCERS)]
 
 
@@ -111,6 +121,24 @@ def test_tracked_row_methods_combine_their_state_rows(name):
     fused = count(_jaxpr(mtl.chain(make(name, K), mtl.sum_tasks()), name))
     plain = count(_jaxpr(optax.chain(make(name, K), mtl.sum_tasks()), name))
     assert fused == plain - 1, (fused, plain)
+
+
+@pytest.mark.parametrize("name", ["graddrop", "trimmed_mean"])
+def test_elementwise_methods_reduce_without_a_task_shaped_output(name):
+    """GradDrop and TrimmedMean are `Reducible`: in the fused chain no operation outputs a
+    [K, 5, 3] array (their masked Jacobian); the plain chain does form one."""
+    tx = make(name, K)
+    assert isinstance(tx, mtl.Reducible) and not isinstance(tx, mtl.RowCombination), name
+
+    def task_shaped(jaxpr):
+        return any(
+            any(v.aval.shape == (K, 5, 3) for v in eqn.outvars)
+            or any(task_shaped(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+            for eqn in jaxpr.eqns
+        )
+
+    assert not task_shaped(_jaxpr(mtl.chain(make(name, K), mtl.sum_tasks()), name))
+    assert task_shaped(_jaxpr(optax.chain(make(name, K), mtl.sum_tasks()), name))
 
 
 def test_the_fusion_check_sees_the_unfused_product():

@@ -102,3 +102,36 @@ def test_trim_keep_matches_the_rank_on_ties_nans_and_signed_zeros(trim_number):
         mask = jax.jit(robust._extreme_tasks, static_argnums=(1, 2))(x, trim_number, largest)
         want = rank >= 31 - trim_number if largest else rank < trim_number
         np.testing.assert_array_equal(mask, want)
+
+
+def _tied_jac(k):
+    x = jnp.round(2.0 * jax.random.normal(jax.random.key(3), (k, 6, 4))) / 2.0
+    x = x.at[2, 0, 0].set(jnp.nan).at[1, 1, 1].set(-0.0).at[:, 2, 2].set(jnp.nan)
+    return x.at[:, 3, 3].set(1.0).at[0, 4, 0].set(jnp.inf).at[1, 4, 1].set(-jnp.inf)
+
+
+@pytest.mark.parametrize("k", [3, 31])
+def test_extreme_pairs_are_the_first_and_last_stable_ranks(k):
+    x = _tied_jac(k)
+    rank = jnp.argsort(jnp.argsort(x, axis=0, stable=True), axis=0, stable=True)
+    (_, low_task), (_, high_task) = jax.jit(robust._extreme_pairs)(x)
+    tasks = jnp.arange(k)[:, None, None]
+    np.testing.assert_array_equal(tasks == low_task[None], rank == 0)
+    np.testing.assert_array_equal(tasks == high_task[None], rank == k - 1)
+
+
+@pytest.mark.parametrize("trim_number", [0, 1, 2, 8])
+def test_trimmed_mean_fused_reduction_equals_the_trimmed_jacobian(trim_number):
+    # `mtl.chain` sums the kept entries directly (one walk for trim_number=1, the mask else);
+    # a non-uniform reducer and ties / NaNs / infinities must give the plain chain's result.
+    k = 31
+    weights = np.arange(1, k + 1, dtype=np.float32)
+    reducer = mtl.TaskReducer(lambda n: weights[:n])
+    fused = mtl.chain(mtl.trimmed_mean(trim_number), reducer)
+    plain = optax.chain(mtl.trimmed_mean(trim_number), reducer)
+    assert isinstance(mtl.trimmed_mean(trim_number), mtl.Reducible)
+    jac = {"w": _tied_jac(k)}
+    a, _ = jax.jit(fused.update)(jac, fused.init(None))
+    b, _ = jax.jit(plain.update)(jac, plain.init(None))
+    np.testing.assert_allclose(a["w"], b["w"], rtol=1e-5, atol=1e-6)
+    assert np.isnan(np.asarray(a["w"][2, 2]))  # an all-NaN column stays NaN

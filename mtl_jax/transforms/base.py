@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax import jacobian as jac_lib
@@ -40,7 +41,8 @@ class TaskReducer(optax.GradientTransformationExtraArgs):
     """A task-axis reducer: Jacobian ``[K, ...]`` -> gradient ``r @ J`` for a fixed vector r.
 
     An ``optax.GradientTransformationExtraArgs`` that also exposes ``task_weights(k) -> [K]``
-    (its r), so that `mtl.chain` can fuse it with a preceding `RowCombination`.
+    (its r, a concrete NumPy vector, so that a fused reduction may specialize on it), so that
+    `mtl.chain` can fuse it with a preceding `Reducible` method.
     """
 
     def __new__(cls, task_weights: Callable[[int], jax.Array]):
@@ -71,7 +73,7 @@ def sum_tasks() -> TaskReducer:
     References:
       Checked against: TorchJD ``Sum`` aggregator.
     """
-    return TaskReducer(lambda k: jnp.ones((k,), jnp.float32))
+    return TaskReducer(lambda k: np.ones((k,), np.float32))
 
 
 def _reduce(jac, weights):
@@ -86,7 +88,41 @@ def mean_tasks() -> TaskReducer:
     References:
       Checked against: TorchJD ``Mean`` aggregator.
     """
-    return TaskReducer(lambda k: jnp.full((k,), 1.0 / k, jnp.float32))
+    return TaskReducer(lambda k: np.full((k,), 1.0 / k, np.float32))
+
+
+# A fused reduction rule: (updates, state, params, r, **extra) -> (gradient, new_state), where
+# gradient is ``r @ update(updates)`` for the task weights r ([K], NumPy) of the next reducer.
+ReductionFn = Callable[..., tuple[PyTree, PyTree]]
+
+
+class Reducible(optax.GradientTransformationExtraArgs):
+    """A balancer that can also return its output already reduced over the task axis.
+
+    An ``optax.GradientTransformationExtraArgs`` (its ``update`` maps a Jacobian to a Jacobian,
+    as every balancer) that also exposes ``reduction(updates, state, params, r, **extra) ->
+    (gradient, new_state)``: ``r @ update(updates)`` (same state) without forming the K x P
+    output. `mtl.chain` calls it where the method is followed by `sum_tasks` / `mean_tasks`
+    (``r``: their task weights, a NumPy [K]). On XLA CPU writing a K x P array costs about ten
+    reads of it, so for the elementwise methods (GradDrop, TrimmedMean) the reduction is several
+    times cheaper than the update (`benchmarks/methods.py`). `RowCombination` is the common
+    case.
+
+    Args:
+      init: the optax init function.
+      update: the optax update function (Jacobian -> Jacobian).
+      reduction: the rule above; jit-safe, the same state as ``update``.
+    """
+
+    def __new__(
+        cls,
+        init: Callable[[PyTree], PyTree],
+        update: Callable[..., tuple[PyTree, PyTree]],
+        reduction: ReductionFn,
+    ):
+        self = super().__new__(cls, init, update)
+        self.reduction = reduction
+        return self
 
 
 # A row-combination rule: (updates, state, params, **extra) -> (rows, c, new_state), where the
@@ -99,16 +135,15 @@ def apply_combination(rows: PyTree, c: jax.Array) -> PyTree:
     return jac_lib.scale_rows(rows, c) if c.ndim == 1 else jac_lib.combine_rows(rows, c)
 
 
-class RowCombination(optax.GradientTransformationExtraArgs):
+class RowCombination(Reducible):
     """A balancer whose output is a re-combination of Jacobian rows: ``C @ J`` or ``diag(w) J``.
 
-    An ``optax.GradientTransformationExtraArgs`` (its ``update`` returns the re-combined rows, as
-    every balancer) that also exposes ``combination(updates, state, params, **extra) ->
+    A `Reducible` balancer that also exposes ``combination(updates, state, params, **extra) ->
     (rows, c, new_state)``: the rows the combination applies to (the input itself for a single
-    method, an intermediate Jacobian for a chain ending in one) and ``c`` ([K] weights or a
-    [K_out, K] matrix). Most methods are of this kind (every Gramian method, every loss-level
-    method, PCGrad, GradVac); `mtl.chain` uses ``combination`` to reduce ``c`` and the task axis
-    in one ``w @ J`` instead of writing and re-reading ``diag(w) J``.
+    method, an intermediate Jacobian for a chain ending in one, a Jacobian-shaped state for
+    MoCo / DB-MTL) and ``c`` ([K] weights or a [K_out, K] matrix). Most methods are of this kind
+    (every Gramian method, every loss-level method, PCGrad, GradVac); its reduction is the one
+    contraction ``(r C) @ rows`` instead of writing and re-reading ``diag(w) J``.
 
     Args:
       init: the optax init function.
@@ -128,7 +163,12 @@ class RowCombination(optax.GradientTransformationExtraArgs):
                 rows, c, new_state = combination(updates, state, params, **extra_args)
                 return apply_combination(rows, c), new_state
 
-        self = super().__new__(cls, init, update)
+        def reduction(updates, state, params, r, **extra_args):
+            rows, c, new_state = combination(updates, state, params, **extra_args)
+            r = jnp.asarray(r, c.dtype)
+            return _reduce(rows, r @ c if c.ndim == 2 else r * c), new_state
+
+        self = super().__new__(cls, init, update, reduction)
         self.combination = combination
         return self
 
@@ -148,17 +188,19 @@ def row_weighting(
 
 
 def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain`` with a fused row-combination + reduction.
+    """``optax.chain`` with a fused method + reduction.
 
     Same updates, same state (a tuple of the inner states, as ``optax.chain``), same extra-args
-    forwarding. Where a `RowCombination` (a method whose output is ``C @ J``) is directly
-    followed by a `TaskReducer` (`sum_tasks`, `mean_tasks`), the pair becomes one contraction
-    ``(r @ C) @ J``: the re-combined K x P Jacobian is never written. On XLA CPU that write and
-    re-read costs about as much as the Gramian itself at K=40 (`benchmarks/methods.py`)::
+    forwarding. Where a `Reducible` method is directly followed by a `TaskReducer`
+    (`sum_tasks`, `mean_tasks`), the pair becomes the method's fused ``reduction``: for a
+    `RowCombination` (a method whose output is ``C @ J``) one contraction ``(r @ C) @ J``, for
+    GradDrop / TrimmedMean a pass that sums the kept entries; the balanced K x P Jacobian is
+    never written. On XLA CPU that write and re-read costs about as much as the Gramian itself
+    at K=40 (`benchmarks/methods.py`)::
 
         tx = mtl.chain(mtl.upgrad(), mtl.sum_tasks(), optax.adam(1e-3))
 
-    A chain whose last transform is a `RowCombination` is itself one (so
+    A chain whose last transform is a `RowCombination` (a `Reducible`) is itself one (so
     ``mtl.chain(mtl.chain(mtl.uncertainty_weighting(3), mtl.pcgrad()), mtl.sum_tasks())`` and
     ``shared_only(chain(...), labels)`` fuse too).
 
@@ -169,9 +211,7 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
     n = len(txs)
 
     def fusable(i):
-        return (
-            i + 1 < n and isinstance(txs[i], RowCombination) and isinstance(txs[i + 1], TaskReducer)
-        )
+        return i + 1 < n and isinstance(txs[i], Reducible) and isinstance(txs[i + 1], TaskReducer)
 
     def init_fn(params):
         return tuple(t.init(params) for t in txs)
@@ -180,14 +220,10 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
         new_state = list(state)
         i = 0
         while i < stop:
-            if fusable(i) and i + 1 < stop:
-                rows, c, new_state[i] = txs[i].combination(updates, state[i], params, **extra_args)
-                if jax.tree.leaves(rows):
-                    k = jac_lib.num_tasks(rows, params)
-                    r = txs[i + 1].task_weights(k).astype(c.dtype)
-                    updates = _reduce(rows, r @ c if c.ndim == 2 else r * c)
-                else:  # an empty group of `shared_only`
-                    updates = rows
+            # An empty group of `shared_only` has no task axis to reduce: run it plainly.
+            if fusable(i) and i + 1 < stop and jax.tree.leaves(updates):
+                r = txs[i + 1].task_weights(jac_lib.num_tasks(updates, params))
+                updates, new_state[i] = txs[i].reduction(updates, state[i], params, r, **extra_args)
                 i += 2
             else:
                 updates, new_state[i] = txs[i].update(updates, state[i], params, **extra_args)
@@ -206,6 +242,14 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
             return rows, c, tuple(new_state)
 
         return RowCombination(init_fn, combination, update_fn)
+    if n and isinstance(txs[-1], Reducible):
+
+        def reduction(updates, state, params, r, **extra_args):
+            rows, new_state = run(updates, state, params, extra_args, n - 1)
+            out, new_state[-1] = txs[-1].reduction(rows, state[-1], params, r, **extra_args)
+            return out, tuple(new_state)
+
+        return Reducible(init_fn, update_fn, reduction)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

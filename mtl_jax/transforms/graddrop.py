@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax import jacobian as jac_lib
+from mtl_jax.transforms import base
 
 PyTree = Any
 
@@ -38,10 +40,38 @@ def graddrop_uniforms(key: jax.Array, jac: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, draws)
 
 
+def _sign_sums(x: jax.Array, coeffs: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per entry, ``sum_k c_k max(J_k, 0)`` and ``sum_k c_k min(J_k, 0)`` (c = 1 by default).
+
+    Row chains over the task axis, which XLA fuses into one pass over the leaf (a reduction over
+    the leading axis is slow on XLA CPU, see `jac_lib.reduce_rows`).
+    """
+    if coeffs is None:
+        return (
+            jac_lib.reduce_rows(x, lambda row: jnp.maximum(row, 0.0)),
+            jac_lib.reduce_rows(x, lambda row: jnp.minimum(row, 0.0)),
+        )
+    pos = neg = None
+    for k, c in enumerate(coeffs.tolist()):
+        p, n = c * jnp.maximum(x[k], 0.0), c * jnp.minimum(x[k], 0.0)
+        pos, neg = (p, n) if pos is None else (pos + p, neg + n)
+    return pos, neg
+
+
+def _sign_choice(pos, neg, uniform, f):
+    """The drawn sign per entry: (keep positives, keep negatives), from the sign sums."""
+    total, mass = pos + neg, pos - neg
+    # An all-zero column has no sign: TorchJD gets NaN there and keeps nothing (the rows are 0).
+    purity = 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0))
+    fp = f(purity)
+    u = uniform.astype(total.dtype)
+    return fp > u, fp < u
+
+
 def graddrop_rows(
     rows: jax.Array,
     uniform: jax.Array,
-    leak: jax.Array,
+    leak: np.ndarray,
     f: Callable[[jax.Array], jax.Array] = _identity,
 ) -> jax.Array:
     """GradDrop on one Jacobian leaf ``[K, ...]`` given its uniform draws ``[...]``.
@@ -55,16 +85,39 @@ def graddrop_rows(
     """
     dtype = jnp.result_type(rows.dtype, jnp.float32)
     x = rows.astype(dtype)
-    # Task-axis sums as fused row chains, not jnp.sum(axis=0) (slow on XLA CPU).
-    total = jac_lib.reduce_rows(x)
-    mass = jac_lib.reduce_rows(x, jnp.abs)
-    # An all-zero column has no sign: TorchJD gets NaN there and keeps nothing (the rows are 0).
-    purity = 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0))
-    fp = f(purity)
-    u = uniform.astype(dtype)
-    keep = ((fp > u) & (x > 0)) | ((fp < u) & (x < 0))
-    lk = jnp.reshape(leak.astype(dtype), (-1,) + (1,) * (x.ndim - 1))
+    keep_pos, keep_neg = _sign_choice(*_sign_sums(x), uniform, f)
+    keep = (keep_pos & (x > 0)) | (keep_neg & (x < 0))
+    lk = jnp.reshape(jnp.asarray(leak, dtype), (-1,) + (1,) * (x.ndim - 1))
     return (lk + (1.0 - lk) * keep.astype(dtype)) * x
+
+
+def graddrop_reduced(
+    rows: jax.Array,
+    uniform: jax.Array,
+    leak: np.ndarray,
+    r: np.ndarray,
+    f: Callable[[jax.Array], jax.Array] = _identity,
+) -> jax.Array:
+    """``r @ graddrop_rows(rows, uniform, leak, f)`` without forming the masked rows.
+
+    Row k contributes ``r_k leak_k J_k`` plus ``r_k (1 - leak_k)`` times its entries of the drawn
+    sign, so the sum needs only per-entry sums of the positive and the negative parts: one
+    fused pass over the leaf (two when r or the leak differ across tasks), against a pass, a
+    K x P write and a re-read for the masked rows and the reduction.
+    """
+    dtype = jnp.result_type(rows.dtype, jnp.float32)
+    x = rows.astype(dtype)
+    pos, neg = _sign_sums(x)
+    keep_pos, keep_neg = _sign_choice(pos, neg, uniform, f)
+    kept, lin = r * (1.0 - leak), r * leak
+    if not np.all(kept == kept[0]):
+        pos, neg = _sign_sums(x, kept)
+    elif kept[0] != 1.0:
+        pos, neg = kept[0] * pos, kept[0] * neg
+    out = jnp.where(keep_pos, pos, 0.0) + jnp.where(keep_neg, neg, 0.0)
+    if np.any(lin != 0.0):
+        out = out + jac_lib.weighted_sum(x, lin)
+    return out
 
 
 def graddrop(
@@ -94,7 +147,9 @@ def graddrop(
       seed: seed of the PRNG key for the uniform draws.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian.
+      A `Reducible` ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian;
+      in ``mtl.chain(mtl.graddrop(), mtl.sum_tasks())`` the kept entries are summed in one pass
+      (`graddrop_reduced`), without writing the masked Jacobian.
 
     Example:
       >>> import jax.numpy as jnp, optax, mtl_jax as mtl
@@ -113,12 +168,12 @@ def graddrop(
       purity 1/2 instead of TorchJD's NaN; the output there is zero either way.
     """
     if leak is not None:
-        leak_arr = jnp.asarray(leak, jnp.float32)
+        leak_arr = np.asarray(leak, np.float32)
         if leak_arr.ndim > 1:
             raise ValueError(
                 f"graddrop: leak must be a float or a [K] vector, got {leak_arr.shape}."
             )
-        if bool(jnp.any((leak_arr < 0) | (leak_arr > 1))):
+        if np.any((leak_arr < 0) | (leak_arr > 1)) or not np.all(np.isfinite(leak_arr)):
             raise ValueError("graddrop: leak values must be in [0, 1].")
     else:
         leak_arr = None
@@ -129,22 +184,36 @@ def graddrop(
         del params
         return GradDropState(key=jax.random.key(seed))
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
+    def draws(updates, state, params):
+        """The [K] leak (NumPy), the uniforms of this step and the next state."""
         k = jac_lib.num_tasks(updates, params)
         if leak_arr is None:
-            lk = jnp.zeros((k,), jnp.float32)
+            lk = np.zeros((k,), np.float32)
         elif leak_arr.ndim == 0:
-            lk = jnp.full((k,), leak_arr)
+            lk = np.full((k,), leak_arr, np.float32)
         elif leak_arr.shape[0] != k:
             raise ValueError(f"graddrop: got {leak_arr.shape[0]} leak values for K={k} tasks.")
         else:
             lk = leak_arr
         key, sub = jax.random.split(state.key)
-        uniforms = graddrop_uniforms(sub, updates)
+        return lk, graddrop_uniforms(sub, updates), GradDropState(key=key)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        lk, uniforms, new_state = draws(updates, state, params)
         out = jax.tree.map(
             lambda x, u: graddrop_rows(x, u, lk, f).astype(x.dtype), updates, uniforms
         )
-        return out, GradDropState(key=key)
+        return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def reduction(updates, state, params, r, **extra_args):
+        del extra_args
+        lk, uniforms, new_state = draws(updates, state, params)
+        r = np.asarray(r, np.float32)
+        out = jax.tree.map(
+            lambda x, u: graddrop_reduced(x, u, lk, r, f).astype(x.dtype), updates, uniforms
+        )
+        return out, new_state
+
+    # Reducible: `mtl.chain(mtl.graddrop(), mtl.sum_tasks())` sums the kept entries directly.
+    return base.Reducible(init_fn, update_fn, reduction)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax import jacobian as jac_lib
@@ -162,6 +163,57 @@ def _trim_keep(leaf: jax.Array, trim_number: int) -> jax.Array:
     return (rank >= trim_number) & (rank < k - trim_number)
 
 
+def _pair_lt(a, i, b, j) -> jax.Array:
+    """Entry ``(a, task i)`` before ``(b, task j)`` in a stable ascending sort over the tasks:
+    ``a < b`` (NaN after every number), or equal values and ``i < j``."""
+    return _sort_lt(a, b) | (~_sort_lt(b, a) & (i < j))
+
+
+def _extreme_pairs(leaf: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Per coordinate, the (value, task) of stable rank 0 and of stable rank K - 1.
+
+    One walk over the task rows, unrolled, which XLA fuses into a single pass over the leaf
+    with the running extremes in registers (a ``fori_loop`` walk was 1.5-4x slower at K=40).
+    The extremes start from pairs beyond every entry: (NaN, K) and (-inf, -1). Only for
+    row-wise consumers: XLA CPU fuses the unrolled walk into a single [K, ...] consumer and
+    recomputes it per entry (10x slower), and drops optimization barriers.
+    """
+    k = leaf.shape[0]
+    shape = leaf.shape[1:]
+    lo = (jnp.full(shape, jnp.nan, leaf.dtype), jnp.full(shape, k, jnp.int32))
+    hi = (jnp.full(shape, -jnp.inf, leaf.dtype), jnp.full(shape, -1, jnp.int32))
+    for j in range(k):
+        row = leaf[j]
+        take_lo, take_hi = _pair_lt(row, j, *lo), _pair_lt(*hi, row, j)
+        lo = (jnp.where(take_lo, row, lo[0]), jnp.where(take_lo, j, lo[1]))
+        hi = (jnp.where(take_hi, row, hi[0]), jnp.where(take_hi, j, hi[1]))
+    return lo, hi
+
+
+def _trimmed_sum(leaf: jax.Array, trim_number: int, r: np.ndarray) -> jax.Array:
+    """``sum_k r_k J_k`` over the entries that survive the trimming, as one chain over the rows
+    (the trimmed K x P Jacobian is never written). For ``trim_number = 1`` the two dropped
+    entries per coordinate come from one fused walk (`_extreme_pairs`): at K=40 on 1.1M
+    parameters 28 ms, against 130 ms for the trimmed Jacobian and its sum."""
+    if trim_number == 1:
+        low, high = _extreme_pairs(leaf)
+
+        def kept(j):
+            return _pair_lt(*low, leaf[j], j) & _pair_lt(leaf[j], j, *high)
+
+    else:
+        keep = _trim_keep(leaf, trim_number)
+
+        def kept(j):
+            return keep[j]
+
+    out = None
+    for j, c in enumerate(np.asarray(r, np.float32).tolist()):
+        term = jnp.where(kept(j), c * leaf[j], jnp.zeros((), leaf.dtype))
+        out = term if out is None else out + term
+    return out
+
+
 def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
     """Coordinate-wise trimmed mean of the task gradients.
 
@@ -175,7 +227,9 @@ def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
       trim_number: values removed at each end of every coordinate (no default, as TorchJD).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian.
+      A `Reducible` ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian;
+      in ``mtl.chain(mtl.trimmed_mean(t), mtl.sum_tasks())`` the kept entries are summed in one
+      pass after the extraction, without writing the trimmed Jacobian.
 
     Example:
       >>> import jax.numpy as jnp, optax, mtl_jax as mtl
@@ -198,15 +252,18 @@ def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
         del params
         return base.EmptyState()
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
+    def checked_num_tasks(updates, params):
         k = jac_lib.num_tasks(updates, params)
         if k < 2 * trim_number + 1:
             raise ValueError(
                 f"trimmed_mean: needs K >= 2 * trim_number + 1 = {2 * trim_number + 1} tasks, "
                 f"got K={k}."
             )
-        n_kept = k - 2 * trim_number
+        return k
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        n_kept = checked_num_tasks(updates, params) - 2 * trim_number
 
         def trim(leaf):
             keep = _trim_keep(leaf, trim_number)
@@ -215,4 +272,12 @@ def trimmed_mean(trim_number: int) -> optax.GradientTransformationExtraArgs:
 
         return jax.tree.map(trim, updates), state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def reduction(updates, state, params, r, **extra_args):
+        del extra_args
+        k = checked_num_tasks(updates, params)
+        scale = np.asarray(r, np.float32) / (k - 2 * trim_number)
+        return jax.tree.map(lambda leaf: _trimmed_sum(leaf, trim_number, scale), updates), state
+
+    # Reducible: `mtl.chain(mtl.trimmed_mean(t), mtl.sum_tasks())` sums the kept entries in one
+    # pass after the extraction.
+    return base.Reducible(init_fn, update_fn, reduction)
