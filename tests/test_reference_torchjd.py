@@ -164,6 +164,13 @@ F32_SKIP_KINDS = {
 }
 
 
+# Aligned-MTL 'min' scales by the smallest eigenvalue of the Gramian, which any eigensolver gets
+# to ~eps * lambda_max only: its norm is determined to ~0.5 eps cond(G) (1.8e-3 for the K=8
+# scaled-conflict case, cond 1.6e13, where TorchJD and we differ by 1.3e-3; 'median' and 'rmse'
+# do not divide by it). These cases get that floor as their relative-error tolerance.
+COND_LIMITED = ("aligned_mtl_min",)
+
+
 def compare(name: str, dtype) -> list[tuple[float, float, str, int]]:
     ours, theirs, min_k = METHODS[name]
     run = Runner(dtype)
@@ -175,6 +182,10 @@ def compare(name: str, dtype) -> list[tuple[float, float, str, int]]:
             continue
         d = run(name, ours, jac)
         cos, rel = cos_rel(d, torchjd_output(theirs(k), jac), jac)
+        if name in COND_LIMITED:
+            lam = np.linalg.eigvalsh(jac @ jac.T)
+            floor = 0.5 * np.finfo(np.float64).eps * lam[-1] / max(lam[0], 1e-300)
+            rel = rel * min(1.0, MAX_REL / floor)  # as a share of the attainable tolerance
         results.append((cos, rel, kind, k))
     return results
 
