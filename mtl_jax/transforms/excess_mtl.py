@@ -106,9 +106,13 @@ def excess_risks(jac: PyTree, sq_grad_sum: PyTree) -> tuple[jax.Array, PyTree]:
     Returns the [K] estimates and the updated accumulator ``S``.
     """
     k = jac_lib.num_tasks(jac)
-    sq = jax.tree.map(lambda g: jnp.square(g.astype(_F32)), jac)
-    acc = jax.tree.map(jnp.add, sq_grad_sum, sq)
-    terms = jax.tree.map(lambda q, s: jnp.reshape(q / jnp.sqrt(s + 1e-7), (k, -1)).sum(1), sq, acc)
+    jac = jax.tree.map(lambda g: g.astype(_F32), jac)
+    acc = jax.tree.map(lambda s, g: s + g * g, sq_grad_sum, jac)
+    # g * (g / sqrt(S)), not a shared g^2 array: XLA CPU wrote that square as one more K x P
+    # array (the K=40 update 100 -> 52 ms on the benchmark's 1.1M parameters without it).
+    terms = jax.tree.map(
+        lambda g, s: jnp.reshape(g * (g / jnp.sqrt(s + 1e-7)), (k, -1)).sum(1), jac, acc
+    )
     return sum(jax.tree.leaves(terms), jnp.zeros((k,), _F32)), acc
 
 
