@@ -96,6 +96,22 @@ def test_moco_first_step_and_needs_losses():
         tx.update(f32(rows), tx.init(jnp.zeros(2)))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_moco_keeps_its_tracked_gradients_through_a_non_finite_jacobian(bad):
+    # A NaN / inf Jacobian entry must not reach y: the step keeps y (decided from the rows'
+    # norms, fused into the tracking update) and the weights, and returns lambda @ y_old.
+    rows = f32(np.array([[3.0, 4.0], [0.0, 2.0]]))
+    losses = f32(np.array([2.0, 1.0]))
+    tx = mtl.moco(num_tasks=2)
+    update = jax.jit(tx.update)
+    _, state = update(rows, tx.init(jnp.zeros(2)), task_losses=losses)
+    out, after = update(rows.at[1, 0].set(bad), state, task_losses=losses)
+    np.testing.assert_array_equal(after.y, state.y)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(after.weights))
+    _, good = update(rows, state, task_losses=losses)
+    assert not np.array_equal(good.y, state.y)  # a finite step does move y
+
+
 @pytest.mark.parametrize(
     "factory,kwargs",
     [
