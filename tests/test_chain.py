@@ -38,6 +38,7 @@ FAST = (
     "uncertainty_weighting",
     "graddrop",
     "trimmed_mean",
+    "sparse_training",
     "moco",
     "db_mtl",
 )
@@ -126,10 +127,10 @@ def test_tracked_row_methods_combine_their_state_rows(name):
     assert fused == plain - 1, (fused, plain)
 
 
-@pytest.mark.parametrize("name", ["graddrop", "trimmed_mean"])
+@pytest.mark.parametrize("name", ["graddrop", "trimmed_mean", "sparse_training"])
 def test_elementwise_methods_reduce_without_a_task_shaped_output(name):
-    """GradDrop and TrimmedMean are `Reducible`: in the fused chain no operation outputs a
-    [K, 5, 3] array (their masked Jacobian); the plain chain does form one."""
+    """GradDrop, TrimmedMean and sparse training are `Reducible`: in the fused chain no
+    operation outputs a [K, 5, 3] array (their masked Jacobian); the plain chain does."""
     tx = make(name, K)
     assert isinstance(tx, mtl.Reducible) and not isinstance(tx, mtl.RowCombination), name
 

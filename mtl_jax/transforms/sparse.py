@@ -21,6 +21,7 @@ import optax
 
 from mtl_jax import jacobian as jac_lib
 from mtl_jax.transforms import _seed_utils as tu
+from mtl_jax.transforms import base
 
 PyTree = Any
 SCORES = ("fisher", "agreement", "random")
@@ -119,8 +120,9 @@ def sparse_training(
       seed: PRNG seed for ``score='random'``.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian of the
-      same shapes and dtypes.
+      A `Reducible` ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian
+      of the same shapes and dtypes; followed by ``sum_tasks`` in `mtl.chain`, it masks the
+      summed gradient instead of writing the masked Jacobian.
 
     Example:
       >>> import jax.numpy as jnp, optax, mtl_jax as mtl
@@ -175,8 +177,8 @@ def sparse_training(
             mask=treedef.unflatten(masks),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
+    def step(updates, state, params):
+        """This step's masks: (Jacobian leaves, masks, masked leaf indices, treedef, state)."""
         jac_lib.num_tasks(updates)
         leaves, treedef = tu.flatten(updates)
         elig = tu.aligned_leaves(param_mask, updates, params, True, "param_mask")
@@ -224,15 +226,34 @@ def sparse_training(
             masks[i] = new_masks[j]
             scores[i] = jnp.where(refresh, jnp.zeros_like(acc[i]), acc[i])
 
-        out = list(leaves)
-        for i in idx:
-            out[i] = jnp.where(masks[i][None], leaves[i], jnp.zeros((), leaves[i].dtype))
         new_state = SparseTrainingState(
             count=jnp.minimum(t, jnp.iinfo(jnp.int32).max - 1) + 1,
             key=key,
             scores=treedef.unflatten(scores),
             mask=treedef.unflatten(masks),
         )
+        return leaves, masks, idx, treedef, new_state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        leaves, masks, idx, treedef, new_state = step(updates, state, params)
+        out = list(leaves)
+        for i in idx:
+            out[i] = jnp.where(masks[i][None], leaves[i], jnp.zeros((), leaves[i].dtype))
         return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def reduction(updates, state, params, r, **extra_args):
+        del extra_args
+        leaves, masks, idx, treedef, new_state = step(updates, state, params)
+        # The mask is shared by the tasks: r @ (mask * J) = mask * (r @ J), one dot per leaf.
+        out = [
+            leaf if tu.is_masked(leaf) else jac_lib.weighted_sum(leaf, jnp.asarray(r))
+            for leaf in leaves
+        ]
+        for i in idx:
+            out[i] = jnp.where(masks[i], out[i], jnp.zeros((), out[i].dtype))
+        return treedef.unflatten(out), new_state
+
+    # Reducible: `mtl.chain(mtl.sparse_training(...), mtl.sum_tasks())` masks the summed
+    # gradient instead of writing the masked Jacobian.
+    return base.Reducible(init_fn, update_fn, reduction)
