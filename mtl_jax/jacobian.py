@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 Strategy = Literal["auto", "vmap", "unrolled"]
@@ -364,6 +365,7 @@ def reduce_rows(
     leaf: jax.Array,
     fn: Callable[[jax.Array], jax.Array] | None = None,
     op: Callable[[jax.Array, jax.Array], jax.Array] = jnp.add,
+    weights: Sequence[float] | None = None,
 ) -> jax.Array:
     """``op``-reduction over the task axis of ``fn(row)``: ``fn(J[0]) op ... op fn(J[K-1])``.
 
@@ -377,11 +379,15 @@ def reduce_rows(
       leaf: [K, ...] Jacobian leaf.
       fn: elementwise function applied to each row first (default identity).
       op: associative binary elementwise reduction (default ``jnp.add``).
+      weights: optional static [K] factors (Python floats or a NumPy vector) each row is
+        multiplied by after ``fn``: ``sum_k w_k fn(J_k)`` with the default ``op``.
 
     Returns:
       An array of shape ``leaf.shape[1:]``.
     """
     rows = [leaf[k] if fn is None else fn(leaf[k]) for k in range(leaf.shape[0])]
+    if weights is not None:
+        rows = [w * row for w, row in zip(np.asarray(weights).tolist(), rows, strict=True)]
     out = rows[0]
     for row in rows[1:]:
         out = op(out, row)

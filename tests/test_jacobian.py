@@ -181,6 +181,10 @@ def test_reduce_rows_matches_axis_reductions():
     )
     np.testing.assert_array_equal(jac_lib.reduce_rows(x, op=jnp.maximum), jnp.max(x, axis=0))
     np.testing.assert_array_equal(jac_lib.reduce_rows(x[:1]), x[0])
+    w = np.arange(1.0, x.shape[0] + 1.0)
+    np.testing.assert_allclose(
+        jac_lib.reduce_rows(x, jnp.abs, weights=w), jnp.tensordot(w, jnp.abs(x), 1), rtol=1e-6
+    )
 
 
 def test_scalarize_is_weighted_loss_gradient(problem):

@@ -43,19 +43,13 @@ def graddrop_uniforms(key: jax.Array, jac: PyTree) -> PyTree:
 def _sign_sums(x: jax.Array, coeffs: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
     """Per entry, ``sum_k c_k max(J_k, 0)`` and ``sum_k c_k min(J_k, 0)`` (c = 1 by default).
 
-    Row chains over the task axis, which XLA fuses into one pass over the leaf (a reduction over
-    the leading axis is slow on XLA CPU, see `jac_lib.reduce_rows`).
+    Row chains over the task axis (`jac_lib.reduce_rows`), which XLA fuses into one pass over
+    the leaf (a reduction over the leading axis is slow on XLA CPU).
     """
-    if coeffs is None:
-        return (
-            jac_lib.reduce_rows(x, lambda row: jnp.maximum(row, 0.0)),
-            jac_lib.reduce_rows(x, lambda row: jnp.minimum(row, 0.0)),
-        )
-    pos = neg = None
-    for k, c in enumerate(coeffs.tolist()):
-        p, n = c * jnp.maximum(x[k], 0.0), c * jnp.minimum(x[k], 0.0)
-        pos, neg = (p, n) if pos is None else (pos + p, neg + n)
-    return pos, neg
+    return (
+        jac_lib.reduce_rows(x, lambda row: jnp.maximum(row, 0.0), weights=coeffs),
+        jac_lib.reduce_rows(x, lambda row: jnp.minimum(row, 0.0), weights=coeffs),
+    )
 
 
 def _sign_choice(pos, neg, uniform, f):
