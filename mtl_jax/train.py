@@ -16,9 +16,9 @@ per-task metrics and delta_m are written to TensorBoard and the log, and an orba
 history) is saved in ``workdir/checkpoints``; running the same command again resumes from the
 latest one. ``workdir/results.json`` holds the final metrics, the average over the last
 ``config.num_average_epochs`` evaluations (as the papers report), the per-epoch history and the
-training log (``train_log``: every ``config.log_every_steps`` steps, the mean task losses,
-effective task weights, pairwise task-gradient cosines (Jacobian path) and seconds per step,
-evaluation time excluded).
+training log (``train_log``: every ``config.log_every_steps`` steps, the mean task losses, the
+task weights of the step's gradient (`combination_weights`), pairwise task-gradient cosines
+(Jacobian path) and seconds per step, evaluation time excluded).
 
 Sharding: ``config.mesh`` names the device mesh as ``(axis, size)`` pairs (default
 ``(('data', -1),)``: data parallel over all devices; ``-1`` = the remaining devices), e.g.
@@ -156,6 +156,28 @@ def _with_num_tasks(spec: Mapping[str, Any], k: int) -> dict[str, Any]:
 
 def _identity() -> optax.GradientTransformationExtraArgs:
     return optax.with_extra_args_support(optax.identity())
+
+
+def combination_weights(
+    gram: jax.Array, jac: Sequence[jax.Array], grads: Sequence[jax.Array]
+) -> jax.Array:
+    """The task weights of a combined gradient: ``lambda`` with ``J^T lambda`` closest to ``d``.
+
+    ``lambda = pinv(G) J d`` for the Jacobian ``J`` (leaves with a leading task axis), its
+    Gramian ``G = J J^T`` and the gradient ``d`` (leaves without it). Exact for every method whose
+    output is a combination of the task gradients (``d = sum_k lambda_k g_k``: MGDA, PCGrad,
+    UPGrad, Nash-MTL, a scalarization, ...) when the task gradients are linearly independent; the
+    minimum-norm such weights otherwise; the least-squares fit for the others (GradDrop,
+    TrimmedMean, sparse training). The same quantity as the loss-only path's weights. Costs one
+    read of ``J`` and a K x K pseudo-inverse (float32, relative cut-off ``10 K eps``).
+    """
+    jd = sum(
+        jnp.tensordot(j.astype(jnp.float32), g.astype(jnp.float32), axes=g.ndim)
+        for j, g in zip(jac, grads, strict=True)
+    )
+    k = gram.shape[0]
+    cutoff = 10 * k * jnp.finfo(jnp.float32).eps
+    return jnp.linalg.pinv(gram.astype(jnp.float32), rtol=cutoff, hermitian=True) @ jd
 
 
 def build_balancer(specs: Sequence[Mapping[str, Any]], num_tasks: int):
@@ -485,10 +507,13 @@ class Trainer:
             if config.get("loss_only_path", True)
             else None
         )
+        # Jacobian path: Jacobian -> gradient, the balancer fused with the task sum (`mtl.chain`
+        # reduces without writing the balanced K x P Jacobian).
         balancer = build_balancer(self.specs, self.num_tasks)
-        if self.loss_weighting is None and config.get("shared_only", True):
-            balancer = mtl.shared_only(balancer, self.labels, reducer=_identity())
-        self.balancer = balancer
+        if config.get("shared_only", True):
+            self.balancer = mtl.shared_only(balancer, self.labels)
+        else:
+            self.balancer = mtl.chain(balancer, mtl.sum_tasks())
         self.optimizer, self.schedule = make_optimizer(config, steps_per_epoch)
         self.repl = NamedSharding(mesh, P())
         self.data_sharding = sharding.batch_sharding(mesh)
@@ -580,7 +605,6 @@ class Trainer:
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
         params = state["params"]
-        k = self.num_tasks
         extra = {"step": step, "epoch": epoch}
         if val_batch is not None:  # per-task validation losses for CoBa-like methods
             preds, _ = self._forward(params, state["batch_stats"], val_batch, False)
@@ -603,22 +627,14 @@ class Trainer:
             )(params)
             # Each Jacobian leaf as its parameter, behind an unsharded task axis.
             jac = jax.lax.with_sharding_constraint(jac, self.jac_shardings)
-            balanced, bal_state = self.balancer.update(
+            grads, bal_state = self.balancer.update(
                 jac, state["balancer"], params, task_losses=losses, **extra
             )
-            gram = mtl.gramian(self._shared_leaves(jac))
-            before = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-            after = jnp.sqrt(
-                sum(
-                    jnp.sum(jnp.square(x.reshape(k, -1).astype(jnp.float32)), axis=1)
-                    for x in self._shared_leaves(balanced)
-                )
-            )
-            # Effective weights ||row after|| / ||row before|| on the shared parameters.
-            out["weights"] = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 0.0)
-            out["cos"] = gram / jnp.maximum(jnp.outer(before, before), 1e-30)
-            # A dot with ones, not jnp.sum(axis=0) (much slower on XLA CPU; see sum_tasks).
-            grads = mtl.weighted_sum(balanced, jnp.ones((k,), jnp.float32))
+            shared_jac = self._shared_leaves(jac)
+            gram = mtl.gramian(shared_jac)
+            norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+            out["weights"] = combination_weights(gram, shared_jac, self._shared_leaves(grads))
+            out["cos"] = gram / jnp.maximum(jnp.outer(norms, norms), 1e-30)
         grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
         updates, opt_state = self.optimizer.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)

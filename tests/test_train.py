@@ -204,6 +204,63 @@ def test_one_train_step_of_every_balancer(name):
     _one_step(name)
 
 
+def test_combination_weights_recover_the_task_weights_of_a_combined_gradient():
+    key = jax.random.key(3)
+    ka, kb, ke = jax.random.split(key, 3)
+    jac = [jax.random.normal(ka, (3, 5, 4)), jax.random.normal(kb, (3, 7))]
+    w = jnp.array([0.5, -1.0, 2.0])
+
+    def combined(weights, jac):
+        return [jnp.tensordot(weights, j, axes=1) for j in jac]
+
+    gram = mtl.gramian(jac)
+    got = train.combination_weights(gram, jac, combined(w, jac))
+    np.testing.assert_allclose(got, w, rtol=1e-4)
+    # A part of d outside the span of the task gradients is ignored (least squares).
+    flat = jnp.concatenate([j.reshape(3, -1) for j in jac], axis=1)
+    e = jax.random.normal(ke, (flat.shape[1],))
+    e = e - flat.T @ jnp.linalg.solve(flat @ flat.T, flat @ e)
+    d = combined(w, jac)
+    d = [d[0] + e[:20].reshape(5, 4), d[1] + e[20:]]
+    np.testing.assert_allclose(train.combination_weights(gram, jac, d), w, rtol=1e-4, atol=1e-5)
+    # Two equal task gradients: the minimum-norm weights split their share evenly.
+    dup = [jnp.stack([j[0], j[0], j[2]]) for j in jac]
+    got = train.combination_weights(
+        mtl.gramian(dup), dup, combined(jnp.array([2.0, 0.0, 1.0]), dup)
+    )
+    np.testing.assert_allclose(got, [1.0, 1.0, 1.0], rtol=1e-4)
+
+
+def test_jacobian_path_logs_the_weights_that_rebuild_its_gradient():
+    # UPGrad over all parameters (shared_only=False), SGD with lr 1: the update is -d, and the
+    # logged weights must rebuild d from the task gradients (d = J^T lambda on the shared
+    # parameters; UPGrad's output is a combination of the task gradients).
+    trainer = make_trainer(
+        "upgrad", shared_only=False, optimizer="sgd", momentum=0.0, learning_rate=1.0
+    )
+    state = trainer.init_state()
+    batch = trainer.shard_batch(synthetic_batch())
+    p0 = jax.tree.map(np.asarray, state["params"])
+    key = jax.random.fold_in(jax.random.key(0), 0)
+
+    def losses(p):
+        return trainer._losses(p, state["batch_stats"], batch, key)[0]
+
+    jac = jax.jit(jax.jacrev(losses))(state["params"])
+    state, out = trainer.train_step(state, batch, jnp.int32(0))
+    lam = np.asarray(out["weights"])
+    assert not np.allclose(lam, lam[0]), "UPGrad's weights should not all be equal here"
+    for j, before, after in zip(
+        trainer._shared_leaves(jac),
+        trainer._shared_leaves(p0),
+        trainer._shared_leaves(state["params"]),
+        strict=True,
+    ):
+        d = before - np.asarray(after)
+        rebuilt = np.tensordot(lam, np.asarray(j), axes=1)
+        np.testing.assert_allclose(rebuilt, d, rtol=2e-3, atol=2e-3 * np.abs(d).max() + 1e-7)
+
+
 def test_equal_weighting_step_matches_plain_gradient_of_summed_losses():
     # SGD with lr 1 makes the update the gradient itself (Adam would amplify float noise in
     # near-zero gradients, e.g. of the conv bias before BatchNorm, to +-lr).
