@@ -41,6 +41,7 @@ FAST = (
     "sparse_training",
     "moco",
     "db_mtl",
+    "fuller",
 )
 ALL = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(mtl.BALANCERS)]
 
@@ -127,10 +128,11 @@ def test_tracked_row_methods_combine_their_state_rows(name):
     assert fused == plain - 1, (fused, plain)
 
 
-@pytest.mark.parametrize("name", ["graddrop", "trimmed_mean", "sparse_training"])
+@pytest.mark.parametrize("name", ["graddrop", "trimmed_mean", "sparse_training", "fuller"])
 def test_elementwise_methods_reduce_without_a_task_shaped_output(name):
-    """GradDrop, TrimmedMean and sparse training are `Reducible`: in the fused chain no
-    operation outputs a [K, 5, 3] array (their masked Jacobian); the plain chain does."""
+    """GradDrop, TrimmedMean, sparse training and FULLER are `Reducible`: in the fused chain no
+    operation outputs a [K, 5, 3] array (their masked / calibrated Jacobian); the plain chain
+    does."""
     tx = make(name, K)
     assert isinstance(tx, mtl.Reducible) and not isinstance(tx, mtl.RowCombination), name
 

@@ -396,6 +396,33 @@ def test_fuller_plugs_in_any_calibration():
         np.testing.assert_allclose(out[name], ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("calibration", [None, "pcgrad", "scalarize"])
+def test_fuller_fused_reduction_equals_the_calibrated_jacobian(calibration):
+    # `mtl.chain(fuller, reducer)` contracts each leaf once with the calibrated task weights
+    # (never writing the calibrated Jacobian); with modality rescaling, for a uniform and a
+    # non-uniform reducer, it must give what the plain chain gives.
+    rng = np.random.default_rng(8)
+    params, jac, last, modality = _fuller_setup(rng, k=3)
+    cal = {
+        None: None,
+        "pcgrad": mtl.pcgrad(),
+        "scalarize": mtl.scalarize(jnp.array([1.0, 2.0, 0.5])),
+    }
+    weights = np.array([0.5, 2.0, 1.5], np.float32)
+    for reducer in (mtl.sum_tasks(), mtl.mean_tasks(), mtl.TaskReducer(lambda n: weights[:n])):
+        for labels in (None, modality):
+
+            def make():
+                return mtl.fuller(cal[calibration], last_shared_layer=last, modality_labels=labels)
+
+            assert isinstance(make(), mtl.Reducible)
+            fused, plain = mtl.chain(make(), reducer), optax.chain(make(), reducer)
+            a, _ = jax.jit(fused.update)(jac, fused.init(params), params)
+            b, _ = jax.jit(plain.update)(jac, plain.init(params), params)
+            for name in jac:
+                np.testing.assert_allclose(a[name], b[name], rtol=2e-5, atol=1e-5, err_msg=name)
+
+
 def test_fuller_inside_shared_only_and_validates():
     rng = np.random.default_rng(6)
     params, jac, last, modality = _fuller_setup(rng)

@@ -20,11 +20,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax import jacobian as jac_lib
 from mtl_jax import solvers
 from mtl_jax.transforms import _seed_utils as tu
+from mtl_jax.transforms import base
 
 PyTree = Any
 TARGETS = ("mean", "max", "min")
@@ -107,8 +109,10 @@ def fuller(
       tol: tolerance of the default min-norm solver.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian of the
-      same shapes and dtypes.
+      A `Reducible` ``optax.GradientTransformationExtraArgs`` mapping a Jacobian to a Jacobian
+      of the same shapes and dtypes; in ``mtl.chain(mtl.fuller(...), mtl.sum_tasks())`` each
+      leaf's calibrated gradient is one contraction of its task rows (the calibrated Jacobian
+      is not written).
 
     Example:
       >>> import jax.numpy as jnp, optax, mtl_jax as mtl
@@ -152,7 +156,8 @@ def fuller(
             return FullerState(optax.EmptyState())
         return FullerState(task_calibration.init(params))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def calibrate(updates, state, params, extra_args):
+        """The task-level calibration: per leaf, its calibrated rows and their combinations."""
         k = jac_lib.num_tasks(updates)
         leaves, treedef = tu.flatten(updates)
         live = [not tu.is_masked(u) for u in leaves]
@@ -167,7 +172,7 @@ def fuller(
         calib_state = state.calibration_state
         if task_calibration is None:
             weights = fuller_task_weights(g, max_iter, tol)
-            calibrated = None
+            calibrated, a = None, None
         else:
             block_params = None
             if params is not None:
@@ -190,55 +195,98 @@ def fuller(
                 )
             a = _recombination(g, cross)
 
+        def rows(i):
+            """Leaf i's calibrated task rows (K x leaf, float32)."""
+            u = leaves[i].astype(jnp.float32)
+            if calibrated is not None and last[i]:
+                return calibrated[i].astype(jnp.float32)
+            if calibrated is None:
+                # A = diag(weights): a row scaling, not a K x K matmul over the whole leaf.
+                return jac_lib.scale_rows(u, weights)
+            flat = jnp.matmul(a, jnp.reshape(u, (k, -1)), precision=jax.lax.Precision.HIGHEST)
+            return jnp.reshape(flat, u.shape)
+
+        def combined(i, v):
+            """``v @ rows(i)`` without forming the rows: one dot over the leaf."""
+            u = leaves[i].astype(jnp.float32)
+            if calibrated is not None and last[i]:
+                return jac_lib.weighted_sum(calibrated[i].astype(jnp.float32), v)
+            if calibrated is None:
+                return jac_lib.weighted_sum(u, v * weights)
+            return jac_lib.weighted_sum(u, jnp.matmul(v, a, precision=jax.lax.Precision.HIGHEST))
+
+        return leaves, treedef, live, rows, combined, calib_state
+
+    def modality_scales(updates, params, live, summed):
+        """Per leaf index, the modality-level factor ``target / ||d_m||`` of its group (leaves
+        without a label are absent); ``summed(i)``: leaf i's combined gradient."""
+        if modality_labels is None:
+            return {}
+        labels = tu.aligned_leaves(modality_labels, updates, params, None, "modality_labels")
+        groups: dict[Any, list[int]] = {}
+        for i, lab in enumerate(labels):
+            if live[i] and lab is not None:
+                groups.setdefault(lab, []).append(i)
+        if not groups:
+            return {}
+        norms = [
+            jnp.sqrt(sum(jnp.sum(jnp.square(summed(i))) for i in idx)) for idx in groups.values()
+        ]
+        norms_arr = jnp.stack(norms)
+        if magnitude_target == "mean":
+            target = jnp.mean(norms_arr)
+        elif magnitude_target == "max":
+            target = jnp.max(norms_arr)
+        else:
+            target = jnp.min(norms_arr)
+        scales = {}
+        for n, idx in zip(norms, groups.values(), strict=True):
+            scale = jnp.where(n > 0, target / jnp.where(n > 0, n, 1.0), 1.0)
+            scale = jnp.where(jnp.isfinite(scale), scale, 1.0)
+            scales.update({i: scale for i in idx})
+        return scales
+
+    def update_fn(updates, state, params=None, **extra_args):
+        leaves, treedef, live, rows, combined, calib_state = calibrate(
+            updates, state, params, extra_args
+        )
+        k = jac_lib.num_tasks(updates)
+        ones = jnp.ones((k,), jnp.float32)
+        scales = modality_scales(updates, params, live, lambda i: combined(i, ones))
         out = []
         for i, u in enumerate(leaves):
             if not live[i]:
                 out.append(u)
-            elif calibrated is not None and last[i]:
-                out.append(calibrated[i].astype(jnp.float32))
-            elif calibrated is None:
-                # A = diag(weights): a row scaling, not a K x K matmul over the whole leaf.
-                out.append(jac_lib.scale_rows(u.astype(jnp.float32), weights))
-            else:
-                out.append(
-                    jnp.reshape(
-                        jnp.matmul(
-                            a,
-                            jnp.reshape(u, (k, -1)).astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST,
-                        ),
-                        u.shape,
-                    )
-                )
-
-        if modality_labels is not None:
-            labels = tu.aligned_leaves(modality_labels, updates, params, None, "modality_labels")
-            groups: dict[Any, list[int]] = {}
-            for i, lab in enumerate(labels):
-                if live[i] and lab is not None:
-                    groups.setdefault(lab, []).append(i)
-            if groups:
-                norms = []
-                ones = jnp.ones((k,), jnp.float32)
-                for idx in groups.values():
-                    sq = sum(jnp.sum(jnp.square(jac_lib.weighted_sum(out[i], ones))) for i in idx)
-                    norms.append(jnp.sqrt(sq))
-                norms_arr = jnp.stack(norms)
-                if magnitude_target == "mean":
-                    target = jnp.mean(norms_arr)
-                elif magnitude_target == "max":
-                    target = jnp.max(norms_arr)
-                else:
-                    target = jnp.min(norms_arr)
-                for n, idx in zip(norms, groups.values(), strict=True):
-                    scale = jnp.where(n > 0, target / jnp.where(n > 0, n, 1.0), 1.0)
-                    scale = jnp.where(jnp.isfinite(scale), scale, 1.0)
-                    for i in idx:
-                        out[i] = out[i] * scale
-
-        out = [
-            o if tu.is_masked(u) else o.astype(u.dtype) for o, u in zip(out, leaves, strict=True)
-        ]
+                continue
+            o = rows(i)
+            out.append((o * scales[i] if i in scales else o).astype(u.dtype))
         return treedef.unflatten(out), FullerState(calib_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def reduction(updates, state, params, r, **extra_args):
+        leaves, treedef, live, _, combined, calib_state = calibrate(
+            updates, state, params, extra_args
+        )
+        r = np.asarray(r, np.float32)
+        ones = jnp.ones(r.shape, jnp.float32)
+        summed = {}  # leaf index -> its combined gradient with all-ones task weights
+
+        def summed_ones(i):
+            if i not in summed:
+                summed[i] = combined(i, ones)
+            return summed[i]
+
+        scales = modality_scales(updates, params, live, summed_ones)
+        uniform = bool(np.all(r == r[0]))
+        out = []
+        for i, u in enumerate(leaves):
+            if not live[i]:
+                out.append(u)
+                continue
+            # A uniform r (sum_tasks, mean_tasks) reuses the sums behind the modality norms.
+            o = r[0] * summed_ones(i) if uniform else combined(i, jnp.asarray(r))
+            out.append((o * scales[i] if i in scales else o).astype(u.dtype))
+        return treedef.unflatten(out), FullerState(calib_state)
+
+    # Reducible: in `mtl.chain(mtl.fuller(...), mtl.sum_tasks())` each leaf is one dot with the
+    # calibrated task weights, the calibrated K x P Jacobian is never written.
+    return base.Reducible(init_fn, update_fn, reduction)
