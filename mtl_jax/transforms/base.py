@@ -103,10 +103,10 @@ class Reducible(optax.GradientTransformationExtraArgs):
     as every balancer) that also exposes ``reduction(updates, state, params, r, **extra) ->
     (gradient, new_state)``: ``r @ update(updates)`` (same state) without forming the K x P
     output. `mtl.chain` calls it where the method is followed by `sum_tasks` / `mean_tasks`
-    (``r``: their task weights, a NumPy [K]). On XLA CPU writing a K x P array costs about ten
-    reads of it, so for the elementwise methods (GradDrop, TrimmedMean) the reduction is several
-    times cheaper than the update (`benchmarks/methods.py`). `RowCombination` is the common
-    case.
+    (``r``: their task weights, a NumPy [K]). On XLA CPU writing a fresh K x P array costs
+    several reads of it (an in-place update of a donated one about one), so for the elementwise
+    methods (GradDrop, TrimmedMean, FULLER's row scaling) the reduction is several times cheaper
+    than the update (`benchmarks/methods.py`). `RowCombination` is the common case.
 
     Args:
       init: the optax init function.
