@@ -12,6 +12,7 @@ from mtl_jax import mixing, solvers
 from mtl_jax.jacobian import (
     STRATEGIES,
     auto_strategy,
+    combination_weights,
     combine_rows,
     gramian,
     jacobian_rows,
@@ -119,6 +120,7 @@ __all__ = [
     "STRATEGIES",
     "auto_strategy",
     "build_chain",
+    "combination_weights",
     "combine_rows",
     "get_balancer",
     "gramian",

@@ -361,6 +361,44 @@ def weighted_sum(jac: PyTree, weights: jax.Array) -> PyTree:
     return jax.tree.map(reduce, jac)
 
 
+def combination_weights(jac: PyTree, grad: PyTree, gram: jax.Array | None = None) -> jax.Array:
+    """The task weights of a combined gradient: ``lambda`` with ``J^T lambda`` closest to ``d``.
+
+    ``lambda = pinv(G) J d`` for the Jacobian ``J`` (leaves with a leading task axis), its
+    Gramian ``G = J J^T`` and a gradient ``d`` (the same leaves without it), e.g. what
+    ``mtl.chain(method, mtl.sum_tasks())`` returned. Exact for every method whose output is a
+    combination of the task gradients (``d = sum_k lambda_k g_k``: MGDA, PCGrad, UPGrad,
+    Nash-MTL, a scalarization, ...) when the task gradients are linearly independent; the
+    minimum-norm such weights otherwise; the least-squares fit for the others (GradDrop,
+    TrimmedMean, sparse training). For logging what a balancer did in a training loop (the
+    harness logs it as ``train/weight/<task>``); costs one read of ``J`` (plus the Gramian if not
+    given) and a K x K pseudo-inverse, in float32 with relative cut-off ``10 K eps``.
+
+    Args:
+      jac: the Jacobian pytree (leading task axis K).
+      grad: the gradient pytree, same structure without the task axis.
+      gram: ``J J^T`` if already computed (`gramian` of the same leaves).
+
+    Returns:
+      [K] float32 weights.
+    """
+    leaves = jax.tree.leaves(jac)
+    grads = jax.tree.leaves(grad)
+    if len(leaves) != len(grads):
+        raise ValueError(
+            f"combination_weights: jac has {len(leaves)} leaves but grad has {len(grads)}; "
+            "pass the gradient of the same parameters (no task axis)."
+        )
+    jd = sum(
+        jnp.tensordot(j.astype(jnp.float32), g.astype(jnp.float32), axes=g.ndim)
+        for j, g in zip(leaves, grads, strict=True)
+    )
+    g = gram if gram is not None else gramian(jac)
+    k = g.shape[0]
+    cutoff = 10 * k * jnp.finfo(jnp.float32).eps
+    return jnp.linalg.pinv(g.astype(jnp.float32), rtol=cutoff, hermitian=True) @ jd
+
+
 def reduce_rows(
     leaf: jax.Array,
     fn: Callable[[jax.Array], jax.Array] | None = None,

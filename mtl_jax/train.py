@@ -17,7 +17,7 @@ history) is saved in ``workdir/checkpoints``; running the same command again res
 latest one. ``workdir/results.json`` holds the final metrics, the average over the last
 ``config.num_average_epochs`` evaluations (as the papers report), the per-epoch history and the
 training log (``train_log``: every ``config.log_every_steps`` steps, the mean task losses, the
-task weights of the step's gradient (`combination_weights`), pairwise task-gradient cosines
+task weights of the step's gradient (`mtl.combination_weights`), pairwise task-gradient cosines
 (Jacobian path) and seconds per step, evaluation time excluded).
 
 Sharding: ``config.mesh`` names the device mesh as ``(axis, size)`` pairs (default
@@ -156,28 +156,6 @@ def _with_num_tasks(spec: Mapping[str, Any], k: int) -> dict[str, Any]:
 
 def _identity() -> optax.GradientTransformationExtraArgs:
     return optax.with_extra_args_support(optax.identity())
-
-
-def combination_weights(
-    gram: jax.Array, jac: Sequence[jax.Array], grads: Sequence[jax.Array]
-) -> jax.Array:
-    """The task weights of a combined gradient: ``lambda`` with ``J^T lambda`` closest to ``d``.
-
-    ``lambda = pinv(G) J d`` for the Jacobian ``J`` (leaves with a leading task axis), its
-    Gramian ``G = J J^T`` and the gradient ``d`` (leaves without it). Exact for every method whose
-    output is a combination of the task gradients (``d = sum_k lambda_k g_k``: MGDA, PCGrad,
-    UPGrad, Nash-MTL, a scalarization, ...) when the task gradients are linearly independent; the
-    minimum-norm such weights otherwise; the least-squares fit for the others (GradDrop,
-    TrimmedMean, sparse training). The same quantity as the loss-only path's weights. Costs one
-    read of ``J`` and a K x K pseudo-inverse (float32, relative cut-off ``10 K eps``).
-    """
-    jd = sum(
-        jnp.tensordot(j.astype(jnp.float32), g.astype(jnp.float32), axes=g.ndim)
-        for j, g in zip(jac, grads, strict=True)
-    )
-    k = gram.shape[0]
-    cutoff = 10 * k * jnp.finfo(jnp.float32).eps
-    return jnp.linalg.pinv(gram.astype(jnp.float32), rtol=cutoff, hermitian=True) @ jd
 
 
 def build_balancer(specs: Sequence[Mapping[str, Any]], num_tasks: int):
@@ -633,7 +611,9 @@ class Trainer:
             shared_jac = self._shared_leaves(jac)
             gram = mtl.gramian(shared_jac)
             norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-            out["weights"] = combination_weights(gram, shared_jac, self._shared_leaves(grads))
+            out["weights"] = mtl.combination_weights(
+                shared_jac, self._shared_leaves(grads), gram=gram
+            )
             out["cos"] = gram / jnp.maximum(jnp.outer(norms, norms), 1e-30)
         grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
         updates, opt_state = self.optimizer.update(grads, state["opt"], params)

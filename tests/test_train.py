@@ -214,7 +214,7 @@ def test_combination_weights_recover_the_task_weights_of_a_combined_gradient():
         return [jnp.tensordot(weights, j, axes=1) for j in jac]
 
     gram = mtl.gramian(jac)
-    got = train.combination_weights(gram, jac, combined(w, jac))
+    got = mtl.combination_weights(jac, combined(w, jac), gram=gram)
     np.testing.assert_allclose(got, w, rtol=1e-4)
     # A part of d outside the span of the task gradients is ignored (least squares).
     flat = jnp.concatenate([j.reshape(3, -1) for j in jac], axis=1)
@@ -222,13 +222,13 @@ def test_combination_weights_recover_the_task_weights_of_a_combined_gradient():
     e = e - flat.T @ jnp.linalg.solve(flat @ flat.T, flat @ e)
     d = combined(w, jac)
     d = [d[0] + e[:20].reshape(5, 4), d[1] + e[20:]]
-    np.testing.assert_allclose(train.combination_weights(gram, jac, d), w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mtl.combination_weights(jac, d, gram=gram), w, rtol=1e-4, atol=1e-5)
     # Two equal task gradients: the minimum-norm weights split their share evenly.
     dup = [jnp.stack([j[0], j[0], j[2]]) for j in jac]
-    got = train.combination_weights(
-        mtl.gramian(dup), dup, combined(jnp.array([2.0, 0.0, 1.0]), dup)
-    )
+    got = mtl.combination_weights(dup, combined(jnp.array([2.0, 0.0, 1.0]), dup))
     np.testing.assert_allclose(got, [1.0, 1.0, 1.0], rtol=1e-4)
+    with pytest.raises(ValueError, match="same parameters"):
+        mtl.combination_weights(jac, combined(w, jac)[:1])
 
 
 def test_jacobian_path_logs_the_weights_that_rebuild_its_gradient():
