@@ -197,9 +197,9 @@ def fuller(
 
         def rows(i):
             """Leaf i's calibrated task rows (K x leaf, float32)."""
-            u = leaves[i].astype(jnp.float32)
             if calibrated is not None and last[i]:
                 return calibrated[i].astype(jnp.float32)
+            u = leaves[i].astype(jnp.float32)
             if calibrated is None:
                 # A = diag(weights): a row scaling, not a K x K matmul over the whole leaf.
                 return jac_lib.scale_rows(u, weights)
@@ -208,9 +208,9 @@ def fuller(
 
         def combined(i, v):
             """``v @ rows(i)`` without forming the rows: one dot over the leaf."""
-            u = leaves[i].astype(jnp.float32)
             if calibrated is not None and last[i]:
                 return jac_lib.weighted_sum(calibrated[i].astype(jnp.float32), v)
+            u = leaves[i].astype(jnp.float32)
             if calibrated is None:
                 return jac_lib.weighted_sum(u, v * weights)
             return jac_lib.weighted_sum(u, jnp.matmul(v, a, precision=jax.lax.Precision.HIGHEST))
@@ -250,8 +250,7 @@ def fuller(
         leaves, treedef, live, rows, combined, calib_state = calibrate(
             updates, state, params, extra_args
         )
-        k = jac_lib.num_tasks(updates)
-        ones = jnp.ones((k,), jnp.float32)
+        ones = jnp.ones((jac_lib.num_tasks(updates),), jnp.float32)
         scales = modality_scales(updates, params, live, lambda i: combined(i, ones))
         out = []
         for i, u in enumerate(leaves):
