@@ -234,6 +234,43 @@ def test_conv_layer_uses_the_fast_conv_and_matches_flax_default():
     )
 
 
+@pytest.mark.parametrize("distribution", ["truncated_normal", "normal", "uniform"])
+@pytest.mark.parametrize("mode", ["fan_in", "fan_out", "fan_avg", "fan_geo_avg"])
+def test_flat_variance_scaling_equals_jax_initializer(mode, distribution):
+    """Same values as `jax.nn.initializers.variance_scaling` (dense shapes: cheap to compile)."""
+    key = jax.random.key(7)
+    for shape in [(7, 9), (5, 2)]:
+        ours = layers.variance_scaling(2.0, mode, distribution)(key, shape)
+        ref = jax.nn.initializers.variance_scaling(2.0, mode, distribution)(key, shape)
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_flat_variance_scaling_counts_the_receptive_field_in_every_fan():
+    # One 4-D reference draw (XLA CPU compiles it in seconds); the fans differ in every mode.
+    key, shape = jax.random.key(7), (3, 3, 8, 16)
+    for mode in ["fan_in", "fan_out", "fan_avg", "fan_geo_avg"]:
+        ours = layers.variance_scaling(2.0, mode, "normal")(key, shape)
+        ref = jax.nn.initializers.variance_scaling(2.0, mode, "normal")(key, shape)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_models_draw_their_kernels_as_flax_and_jax_would():
+    """layers.conv's default is flax's xavier_normal; ConvNet keeps nnx's lecun_normal."""
+    conv = layers.conv(1, 4, 3, rngs=nnx.Rngs(0))  # the ConvNet's kernel shape: one compile
+    ref = nnx.initializers.xavier_normal()(nnx.Rngs(0).params(), (3, 3, 1, 4))
+    np.testing.assert_allclose(np.asarray(conv.kernel[...]), np.asarray(ref), rtol=1e-6)
+    net = models.build_model("convnet", {"a": 2}, input_shape=(8, 8, 1), channels=(4,))
+    plain = nnx.Conv(1, 4, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(
+        np.asarray(net.convs[0].kernel[...]), np.asarray(plain.kernel[...]), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="unknown mode 'fan'; valid: fan_in"):
+        layers.variance_scaling(1.0, "fan", "normal")
+    with pytest.raises(ValueError, match="unknown distribution 'cauchy'"):
+        layers.variance_scaling(1.0, "fan_in", "cauchy")
+
+
 @pytest.mark.parametrize(
     "shape,window,stride,padding",
     [

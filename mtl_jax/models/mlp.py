@@ -137,6 +137,7 @@ class ConvNet(nnx.Module):
                     (3, 3),
                     padding="SAME",
                     conv_general_dilated=layers.conv_general_dilated,
+                    kernel_init=layers.lecun_normal(),  # nnx's default, drawn flat
                     rngs=rngs,
                 )
                 for a, b in zip(chans[:-1], chans[1:], strict=True)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from mtl_jax.models import layers
 
-_KAIMING = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_KAIMING = layers.variance_scaling(2.0, "fan_out", "normal")
 
 # depth -> (block kind, blocks per stage)
 RESNET_DEPTHS = {
