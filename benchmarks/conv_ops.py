@@ -33,6 +33,11 @@ CONVS = (("conv1", 32, 3, 32, 1), ("conv2", 32, 32, 64, 2), ("conv3", 16, 64, 64
 OPS = ("forward", "input grad", "kernel grad (XLA)", "kernel grad (ours)")
 
 
+def in_step(conv: str, op: str) -> bool:
+    """Whether a training step computes ``op`` of ``conv``: not the first conv's input grad."""
+    return not (conv == CONVS[0][0] and op == "input grad")
+
+
 def jax_ops(hw: int, cin: int, cout: int, stride: int) -> dict[str, Callable[[], jax.Array]]:
     """Jitted forward, input gradient and the two kernel gradients of one convolution."""
     kx, kw, ky = jax.random.split(jax.random.key(0), 3)
@@ -75,13 +80,13 @@ def torch_ops(hw: int, cin: int, cout: int, stride: int) -> dict[str, Callable[[
 def run(repeats: int, num_tasks: int = 3, with_torch: bool = True) -> dict:
     fns: dict[str, Callable] = {}
     for name, hw, cin, cout, stride in CONVS:
-        for op, fn in jax_ops(hw, cin, cout, stride).items():
-            if not (name == "conv1" and op == "input grad"):
-                fns[f"jax {name} {op}"] = fn
+        ops = {"jax": jax_ops(hw, cin, cout, stride)}
         if with_torch:
-            for op, fn in torch_ops(hw, cin, cout, stride).items():
-                if not (name == "conv1" and op == "input grad"):
-                    fns[f"torch {name} {op}"] = fn
+            ops["torch"] = torch_ops(hw, cin, cout, stride)
+        for lib, lib_ops in ops.items():
+            for op, fn in lib_ops.items():
+                if in_step(name, op):
+                    fns[f"{lib} {name} {op}"] = fn
     params = common.init_hps_cnn(jax.random.key(0), num_tasks)
     batch = common.make_batch(jax.random.key(3), num_tasks)
     fns["jax EW step"] = peers.our_steps("ew", params, batch, full=False)[peers.EW]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,7 @@ def conv_general_dilated(
 _TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 
 
-def variance_scaling(scale: float, mode: str, distribution: str):
+def variance_scaling(scale: float, mode: str, distribution: str) -> Callable[..., jax.Array]:
     """`jax.nn.initializers.variance_scaling` (default axes), drawn as a flat vector.
 
     Returns the same values as the jax initializer for every shape (threefry draws the same
