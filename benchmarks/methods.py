@@ -113,7 +113,7 @@ def build(name: str, k: int) -> optax.GradientTransformationExtraArgs:
 def random_jacobian(k: int, params, key) -> dict:
     keys = jax.random.split(key, len(jax.tree.leaves(params)))
     leaves, treedef = jax.tree.flatten(params)
-    rows = [jax.random.normal(kk, (k,) + leaf.shape) for kk, leaf in zip(keys, leaves, strict=True)]
+    rows = [common.normal(kk, (k,) + leaf.shape) for kk, leaf in zip(keys, leaves, strict=True)]
     return jax.tree.unflatten(treedef, rows)
 
 

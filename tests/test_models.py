@@ -140,6 +140,12 @@ _CONV_CASES = [  # input, kernel, strides, padding, kernel dilation
 ]
 
 
+def _normal(seed: int, shape) -> jax.Array:
+    """Standard-normal test data from NumPy: a jax.random draw of a 4-D shape compiles for
+    seconds on XLA's CPU backend."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _conv_derivatives(conv, x, w, ct, strides, padding, dilation):
     """Value, VJP (both arguments), JVP, and a vmapped kernel VJP of ``conv``, in one jit."""
 
@@ -159,14 +165,14 @@ def _conv_derivatives(conv, x, w, ct, strides, padding, dilation):
 @pytest.mark.parametrize("xs,ws,strides,padding,dilation", _CONV_CASES)
 def test_conv_general_dilated_equals_lax_in_every_derivative(xs, ws, strides, padding, dilation):
     """Our conv (shifted-matmul kernel derivative on CPU) == lax's: value, VJP, JVP, vmap."""
-    x = jax.random.normal(jax.random.PRNGKey(0), xs)
-    w = jax.random.normal(jax.random.PRNGKey(1), ws)
+    x = _normal(0, xs)
+    w = _normal(1, ws)
     out_shape = jax.eval_shape(
         lambda: jax.lax.conv_general_dilated(
             x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC
         )
     ).shape
-    ct = jax.random.normal(jax.random.PRNGKey(2), out_shape)
+    ct = _normal(2, out_shape)
     args = (x, w, ct, strides, padding, dilation)
     ref = _conv_derivatives(jax.lax.conv_general_dilated, *args)
     ours = _conv_derivatives(layers.conv_general_dilated, *args)
@@ -178,8 +184,8 @@ def test_conv_general_dilated_equals_lax_in_every_derivative(xs, ws, strides, pa
 
 def test_conv_general_dilated_second_order_equals_lax():
     """The custom JVP is differentiable again (Hessian w.r.t. the kernel)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 2))
-    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 3))
+    x = _normal(0, (2, 5, 6, 2))
+    w = _normal(1, (3, 3, 2, 3))
 
     def hess(conv):
         def f(w):
@@ -197,15 +203,15 @@ def test_conv_general_dilated_second_order_equals_lax():
 
 
 def test_conv_general_dilated_falls_back_to_lax_for_other_configurations():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 4))
-    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
+    x = _normal(0, (2, 6, 6, 4))
+    w = _normal(1, (3, 3, 2, 4))
     grouped = dict(feature_group_count=2, dimension_numbers=_NHWC)
     np.testing.assert_array_equal(
         np.asarray(layers.conv_general_dilated(x, w, (1, 1), "SAME", **grouped)),
         np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", **grouped)),
     )
     xn = jnp.transpose(x, (0, 3, 1, 2))  # NCHW / OIHW: lax's default layout
-    wn = jnp.transpose(jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 5)), (3, 2, 0, 1))
+    wn = jnp.transpose(_normal(2, (3, 3, 4, 5)), (3, 2, 0, 1))
     np.testing.assert_array_equal(
         np.asarray(
             layers.conv_general_dilated(xn, wn, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2))
@@ -221,7 +227,7 @@ def test_conv_layer_uses_the_fast_conv_and_matches_flax_default():
     plain = nnx.Conv(3, 4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
     plain.kernel.value, plain.bias.value = ours.kernel.value, ours.bias.value
     assert ours.conv_general_dilated is layers.conv_general_dilated
-    x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3))
+    x = _normal(3, (2, 8, 8, 3))
 
     @nnx.jit
     def grads(m):
