@@ -11,6 +11,7 @@ warm-up (compilation) excluded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -68,9 +69,14 @@ def _conv(x, p, stride, conv):
     return jax.nn.relu(y + p["b"])
 
 
-# The benchmark CNN's convolution: ours (fast kernel gradient on CPU) by default; XLA's own
-# (``jax.lax.conv_general_dilated``) for the before/after rows of benchmarks/jacobian.py.
-CONVS = {"ours": layers.conv_general_dilated, "xla": jax.lax.conv_general_dilated}
+# The benchmark CNN's convolution: ours (fast kernel gradient on CPU) by default; for the
+# before/after rows of benchmarks/jacobian.py, ours with the per-tap kernel gradient for every
+# shape (its form before the blocked im2col one) and XLA's own (``jax.lax.conv_general_dilated``).
+CONVS = {
+    "ours": layers.conv_general_dilated,
+    "per_tap": functools.partial(layers.conv_general_dilated, cpu_kernel_grad="per_tap"),
+    "xla": jax.lax.conv_general_dilated,
+}
 
 
 def conv_features(encoder: dict, x: jax.Array, conv: str = "ours") -> jax.Array:

@@ -10,6 +10,9 @@ activations and the shared / task-specific labels.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,9 +165,41 @@ def _conv_derivatives(conv, x, w, ct, strides, padding, dilation):
     return run(x, w, ct)
 
 
+# How the CPU kernel derivative is cut up: (patch bytes per block, in samples or output rows
+# when a string, and the max im2col contraction).
+_BLOCKINGS = {
+    "one block": (layers._IM2COL_BLOCK_BYTES, layers._IM2COL_MAX_DEPTH),
+    "two samples per block": ("2 samples", layers._IM2COL_MAX_DEPTH),
+    "a row per block": (1, layers._IM2COL_MAX_DEPTH),
+    "two rows per block": ("2 rows", layers._IM2COL_MAX_DEPTH),
+    "per-tap matmuls": (layers._IM2COL_BLOCK_BYTES, 0),
+}
+
+
+def _set_blocking(monkeypatch, blocking, xs, ws, strides, padding, dilation):
+    budget, depth = _BLOCKINGS[blocking]
+    if isinstance(budget, str):
+        pads = layers._same_or_explicit_pads(padding, xs[1:3], ws[:2], strides, dilation)
+        ho, wo = (
+            (n + lo + hi - d * (k - 1) - 1) // s + 1
+            for n, (lo, hi), k, s, d in zip(xs[1:3], pads, ws[:2], strides, dilation, strict=True)
+        )
+        pixel = ws[0] * ws[1] * ws[2] * 4  # patch bytes of one output pixel
+        budget = 2 * (ho * wo if budget == "2 samples" else wo) * pixel
+    monkeypatch.setattr(layers, "_IM2COL_BLOCK_BYTES", budget)
+    monkeypatch.setattr(layers, "_IM2COL_MAX_DEPTH", depth)
+
+
+@pytest.mark.parametrize("blocking", list(_BLOCKINGS))
 @pytest.mark.parametrize("xs,ws,strides,padding,dilation", _CONV_CASES)
-def test_conv_general_dilated_equals_lax_in_every_derivative(xs, ws, strides, padding, dilation):
-    """Our conv (shifted-matmul kernel derivative on CPU) == lax's: value, VJP, JVP, vmap."""
+def test_conv_general_dilated_equals_lax_in_every_derivative(
+    xs, ws, strides, padding, dilation, blocking, monkeypatch
+):
+    """Our conv (im2col / tap-matmul kernel derivative on CPU) == lax's: value, VJP, JVP, vmap;
+    for every way the blocked im2col form splits the batch, and for the per-tap form."""
+    if blocking == "two samples per block":
+        xs = (4, *xs[1:])  # two blocks of two samples
+    _set_blocking(monkeypatch, blocking, xs, ws, strides, padding, dilation)
     x = _normal(0, xs)
     w = _normal(1, ws)
     out_shape = jax.eval_shape(
@@ -182,8 +217,56 @@ def test_conv_general_dilated_equals_lax_in_every_derivative(xs, ws, strides, pa
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=tol, err_msg=name)
 
 
-def test_conv_general_dilated_second_order_equals_lax():
+@pytest.mark.parametrize(
+    "budget,blocks", [(layers._IM2COL_BLOCK_BYTES, None), ("sample", 2), (1, 2 * 5)]
+)
+def test_conv_kernel_derivative_runs_in_the_chosen_blocks(budget, blocks, monkeypatch):
+    """The blocked im2col form loops over ``blocks`` blocks (none when all fits in one)."""
+    x, w = _normal(0, (2, 9, 11, 3)), _normal(1, (3, 3, 3, 5))  # SAME, stride 2: 5 x 6 out
+    monkeypatch.setattr(
+        layers, "_IM2COL_BLOCK_BYTES", 5 * 6 * 27 * 4 if budget == "sample" else budget
+    )
+    conv = functools.partial(layers.conv_general_dilated, dimension_numbers=_NHWC)
+    ct = _normal(2, (2, 5, 6, 5))
+    jaxpr = str(
+        jax.make_jaxpr(lambda w: jax.vjp(lambda w: conv(x, w, (2, 2), "SAME"), w)[1](ct))(w)
+    )
+    lengths = re.findall(r"length=(\d+)", jaxpr)
+    assert lengths == ([] if blocks is None else [str(blocks)])
+
+
+@pytest.mark.parametrize("form", ["im2col", "per_tap", "xla"])
+def test_conv_cpu_kernel_grad_can_be_picked_by_hand(form, monkeypatch):
+    """Each named form gives lax's kernel gradient; 'im2col' is used even above the depth
+    where 'auto' switches to per-tap matmuls (no loop unless blocks are asked for)."""
+    monkeypatch.setattr(layers, "_IM2COL_MAX_DEPTH", 0)
+    monkeypatch.setattr(layers, "_IM2COL_BLOCK_BYTES", 1)  # a row per block for 'im2col'
+    x, w, ct = _normal(0, (2, 9, 11, 3)), _normal(1, (3, 3, 3, 5)), _normal(2, (2, 5, 6, 5))
+
+    def kernel_grad(conv):
+        def grad(w):
+            _, vjp = jax.vjp(lambda w: conv(x, w, (2, 2), "SAME", dimension_numbers=_NHWC), w)
+            return vjp(ct)[0]
+
+        return grad
+
+    ours = functools.partial(layers.conv_general_dilated, cpu_kernel_grad=form)
+    ref = jax.jit(kernel_grad(jax.lax.conv_general_dilated))(w)
+    np.testing.assert_allclose(jax.jit(kernel_grad(ours))(w), ref, rtol=1e-5, atol=1e-5)
+    lengths = re.findall(r"length=(\d+)", str(jax.make_jaxpr(kernel_grad(ours))(w)))
+    assert lengths == (["10"] if form == "im2col" else [])
+
+
+def test_conv_unknown_cpu_kernel_grad_lists_the_valid_ones():
+    x, w = _normal(0, (1, 4, 4, 2)), _normal(1, (3, 3, 2, 2))
+    with pytest.raises(ValueError, match="unknown cpu_kernel_grad 'fast'.*auto, im2col, per_tap"):
+        layers.conv_general_dilated(x, w, (1, 1), "SAME", cpu_kernel_grad="fast")
+
+
+@pytest.mark.parametrize("blocking", list(_BLOCKINGS))
+def test_conv_general_dilated_second_order_equals_lax(blocking, monkeypatch):
     """The custom JVP is differentiable again (Hessian w.r.t. the kernel)."""
+    _set_blocking(monkeypatch, blocking, (2, 5, 6, 2), (3, 3, 2, 3), (2, 2), "SAME", (1, 1))
     x = _normal(0, (2, 5, 6, 2))
     w = _normal(1, (3, 3, 2, 3))
 

@@ -30,53 +30,127 @@ def _same_or_explicit_pads(padding, in_hw, kernel_hw, strides, dilation):
     return [tuple(int(v) for v in p) for p in padding]
 
 
+def _pad_and_out_hw(x: jax.Array, kernel_hw, strides, pads, dilation):
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    ho, wo = (
+        (n - d * (k - 1) - 1) // s + 1
+        for n, k, s, d in zip(xp.shape[1:3], kernel_hw, strides, dilation, strict=True)
+    )
+    return xp, ho, wo
+
+
+def _tap(xs: jax.Array, i: int, j: int, rows: int, wo: int, strides, dilation) -> jax.Array:
+    """The input pixels kernel tap ``(i, j)`` meets for ``rows`` x ``wo`` outputs of ``xs``."""
+    (sh, sw), (dh, dw) = strides, dilation
+    start = (0, i * dh, j * dw, 0)
+    limit = (xs.shape[0], i * dh + (rows - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, xs.shape[3])
+    return jax.lax.slice(xs, start, limit, (1, sh, sw, 1))
+
+
 def _shifted_matmul_conv(x: jax.Array, w: jax.Array, strides, pads, dilation) -> jax.Array:
     """``conv(x, w)`` (NHWC / HWIO) as a sum over kernel taps of strided-slice matmuls.
 
     Linear in ``w``; its transpose (the weight gradient) is one ``[C_in, B*H*W] x [B*H*W, C_out]``
-    matmul per tap, which XLA's CPU backend runs several times faster than the weight-gradient
-    convolution it emits for ``lax.conv_general_dilated``.
+    matmul per tap, which XLA's CPU backend runs faster than the weight-gradient convolution it
+    emits for ``lax.conv_general_dilated``. Used for deep contractions (`_IM2COL_MAX_DEPTH`).
     """
     kh, kw, cin, cout = w.shape
-    b = x.shape[0]
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    (sh, sw), (dh, dw) = strides, dilation
-    ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
-    wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    xp, ho, wo = _pad_and_out_hw(x, (kh, kw), strides, pads, dilation)
     out = None
     for i in range(kh):
         for j in range(kw):
-            start = (0, i * dh, j * dw, 0)
-            limit = (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, cin)
-            tap = jax.lax.slice(xp, start, limit, (1, sh, sw, 1)).reshape(-1, cin)
+            tap = _tap(xp, i, j, ho, wo, strides, dilation).reshape(-1, cin)
             term = jnp.dot(tap, w[i, j], preferred_element_type=jnp.float32)
             out = term if out is None else out + term
+    return out.reshape(x.shape[0], ho, wo, cout).astype(jnp.result_type(x.dtype, w.dtype))
+
+
+# Bytes of im2col patches per block (a few per 2 MiB L2 cache), and the contraction length
+# kh * kw * C_in above which the per-tap form was faster (measured: README "Benchmarks").
+_IM2COL_BLOCK_BYTES = 3 << 19
+_IM2COL_MAX_DEPTH = 2304
+
+
+def _largest_divisor(n: int, fits: Callable[[int], bool]) -> int:
+    return max([d for d in range(1, n + 1) if n % d == 0 and fits(d)] or [1])
+
+
+def _blocked_im2col_conv(x: jax.Array, w: jax.Array, strides, pads, dilation) -> jax.Array:
+    """``conv(x, w)`` (NHWC / HWIO) as one im2col matmul per cache-sized block of outputs.
+
+    Linear in ``w``. A block is several whole samples, or some output rows of one sample when
+    a sample's patches exceed `_IM2COL_BLOCK_BYTES`; ``jax.lax.map`` runs the blocks and
+    ``jax.checkpoint`` makes the transpose re-build each block's patches instead of storing
+    them all. The transpose -- the weight gradient -- is thus a loop of
+    ``[kh*kw*C_in, rows] x [rows, C_out]`` matmuls on patches that stay in cache, which on CPU
+    beats both the per-tap form (nine passes over the input and output gradient) and one
+    whole-batch im2col (patches kh*kw times the input, written to and read from memory).
+    """
+    kh, kw, cin, cout = w.shape
+    b = x.shape[0]
+    xp, ho, wo = _pad_and_out_hw(x, (kh, kw), strides, pads, dilation)
+    row_bytes = kh * kw * cin * x.dtype.itemsize  # the patches of one output pixel
+    if ho * wo * row_bytes <= _IM2COL_BLOCK_BYTES:
+        cb, rows = _largest_divisor(b, lambda d: d * ho * wo * row_bytes <= _IM2COL_BLOCK_BYTES), ho
+    else:
+        cb, rows = 1, _largest_divisor(ho, lambda r: r * wo * row_bytes <= _IM2COL_BLOCK_BYTES)
+    num_b, num_r = b // cb, ho // rows
+    in_rows = (rows - 1) * strides[0] + dilation[0] * (kh - 1) + 1
+    w_mat = w.reshape(kh * kw * cin, cout)
+
+    def block(index: jax.Array) -> jax.Array:
+        n, r = index // num_r, index % num_r
+        start = (n * cb, r * rows * strides[0], 0, 0)
+        xs = jax.lax.dynamic_slice(xp, start, (cb, in_rows, xp.shape[2], cin))
+        taps = [_tap(xs, i, j, rows, wo, strides, dilation) for i in range(kh) for j in range(kw)]
+        patches = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
+        return jnp.dot(patches, w_mat, preferred_element_type=jnp.float32)
+
+    if num_b * num_r == 1:
+        out = block(jnp.zeros((), jnp.int32))[None]
+    else:
+        out = jax.lax.map(jax.checkpoint(block), jnp.arange(num_b * num_r))
+    out = out.reshape(num_b, num_r, cb, rows, wo, cout).transpose(0, 2, 1, 3, 4, 5)
     return out.reshape(b, ho, wo, cout).astype(jnp.result_type(x.dtype, w.dtype))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _conv_nhwc(x: jax.Array, w: jax.Array, strides, pads, dilation) -> jax.Array:
+# The forms of the kernel derivative on CPU (`conv_general_dilated`'s ``cpu_kernel_grad``).
+CPU_KERNEL_GRADS = ("auto", "im2col", "per_tap", "xla")
+
+
+def _cpu_linear_in_w(x: jax.Array, w: jax.Array, strides, pads, dilation, form: str):
+    kh, kw, cin, _ = w.shape
+    if form == "auto":
+        form = "im2col" if kh * kw * cin <= _IM2COL_MAX_DEPTH else "per_tap"
+    if form == "xla":
+        return _xla_conv(x, w, strides, pads, dilation)
+    fn = _blocked_im2col_conv if form == "im2col" else _shifted_matmul_conv
+    return fn(x, w, strides, pads, dilation)
+
+
+def _xla_conv(x: jax.Array, w: jax.Array, strides, pads, dilation) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, w, strides, pads, rhs_dilation=dilation, dimension_numbers=_NHWC
     )
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_nhwc(x: jax.Array, w: jax.Array, strides, pads, dilation, form: str) -> jax.Array:
+    return _xla_conv(x, w, strides, pads, dilation)
+
+
 @_conv_nhwc.defjvp
-def _conv_nhwc_jvp(strides, pads, dilation, primals, tangents):
+def _conv_nhwc_jvp(strides, pads, dilation, form, primals, tangents):
     x, w = primals
     dx, dw = tangents
-    out = _conv_nhwc(x, w, strides, pads, dilation)
-    d_from_x = jax.lax.conv_general_dilated(
-        dx, w, strides, pads, rhs_dilation=dilation, dimension_numbers=_NHWC
-    )
-    # The weight term: shifted matmuls on CPU (fast transpose), XLA's convolution elsewhere.
+    out = _conv_nhwc(x, w, strides, pads, dilation, form)
+    d_from_x = _xla_conv(dx, w, strides, pads, dilation)
+    # The weight term: blocked im2col or tap matmuls on CPU (fast transpose), XLA's elsewhere.
     d_from_w = jax.lax.platform_dependent(
         x,
         dw,
-        cpu=lambda a, b: _shifted_matmul_conv(a, b, strides, pads, dilation),
-        default=lambda a, b: jax.lax.conv_general_dilated(
-            a, b, strides, pads, rhs_dilation=dilation, dimension_numbers=_NHWC
-        ),
+        cpu=lambda a, b: _cpu_linear_in_w(a, b, strides, pads, dilation, form),
+        default=lambda a, b: _xla_conv(a, b, strides, pads, dilation),
     )
     return out, d_from_x + d_from_w.astype(d_from_x.dtype)
 
@@ -93,19 +167,32 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
+    *,
+    cpu_kernel_grad: str = "auto",
     **kwargs,
 ) -> jax.Array:
     """`jax.lax.conv_general_dilated` with a fast weight gradient on XLA's CPU backend.
 
     Same signature and forward result; pass it as ``nnx.Conv(..., conv_general_dilated=...)``.
     For 2-D NHWC / HWIO convolutions without input dilation or grouping, the derivative w.r.t.
-    the kernel is defined (as a JVP, so forward and reverse mode both work) as a sum over
-    kernel taps of strided-slice matmuls. On CPU that makes the weight gradient -- which XLA
-    computes as a batch-contracting convolution, its slowest convolution on CPU -- several
-    times faster (the benchmark CNN's three weight gradients: about 2.5x, see README
+    the kernel is defined (as a JVP, so forward and reverse mode both work) by a form linear in
+    the kernel whose transpose XLA's CPU backend runs well: a loop over cache-sized blocks of
+    im2col matmuls (contractions ``kh*kw*C_in <= 2304``) or a sum over kernel taps of
+    strided-slice matmuls (deeper ones). On CPU that makes the weight gradient -- which XLA
+    computes as a batch-contracting convolution, its slowest convolution on CPU -- faster (the
+    benchmark CNN's three weight gradients, and the full-resolution SegNet's: see README
     "Benchmarks"); on GPU/TPU (`jax.lax.platform_dependent`) XLA's own convolution is used.
     Any other configuration is passed to `jax.lax.conv_general_dilated` unchanged.
+
+    ``cpu_kernel_grad`` picks the CPU form by hand (e.g. to time it on another CPU, with
+    ``functools.partial``): ``'auto'`` (the rule above), ``'im2col'``, ``'per_tap'`` or
+    ``'xla'`` (XLA's own weight-gradient convolution).
     """
+    if cpu_kernel_grad not in CPU_KERNEL_GRADS:
+        raise ValueError(
+            f"conv_general_dilated: unknown cpu_kernel_grad {cpu_kernel_grad!r}; "
+            f"valid: {', '.join(CPU_KERNEL_GRADS)}."
+        )
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     ndim = lhs.ndim - 2
@@ -140,7 +227,7 @@ def conv_general_dilated(
             preferred_element_type=preferred_element_type,
             **kwargs,
         )
-    return _conv_nhwc(lhs, rhs, strides, tuple(pads), dilation)
+    return _conv_nhwc(lhs, rhs, strides, tuple(pads), dilation, cpu_kernel_grad)
 
 
 _TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
