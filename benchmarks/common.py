@@ -69,12 +69,14 @@ def _conv(x, p, stride, conv):
     return jax.nn.relu(y + p["b"])
 
 
-# The benchmark CNN's convolution: ours (fast kernel gradient on CPU) by default; for the
-# before/after rows of benchmarks/jacobian.py, ours with the per-tap kernel gradient for every
-# shape (its form before the blocked im2col one) and XLA's own (``jax.lax.conv_general_dilated``).
+# The benchmark CNN's convolution: ours (fast gradients on CPU) by default; for the before/after
+# rows of benchmarks/jacobian.py, ours as it was before 8 December 2026 (per-tap kernel gradient
+# for every shape, XLA's input gradient) and XLA's own (``jax.lax.conv_general_dilated``).
 CONVS = {
     "ours": layers.conv_general_dilated,
-    "per_tap": functools.partial(layers.conv_general_dilated, cpu_kernel_grad="per_tap"),
+    "previous": functools.partial(
+        layers.conv_general_dilated, cpu_kernel_grad="per_tap", cpu_input_grad="xla"
+    ),
     "xla": jax.lax.conv_general_dilated,
 }
 

@@ -6,7 +6,8 @@ convolutions of the NYUv2 SegNet's encoder at the papers' resolution (288x384, b
 ``--model segnet``): the forward convolution, the input gradient and the kernel gradient, in JAX
 (`jax.lax.conv_general_dilated` and its VJPs; the kernel gradient as XLA's own, as ours,
 `mtl_jax.models.layers.conv_general_dilated`, and as ours with ``cpu_kernel_grad='per_tap'``,
-its form for every shape before the blocked im2col one) and in PyTorch
+its form for every shape before the blocked im2col one; the input gradient as XLA's and as
+ours, the sum over input phases) and in PyTorch
 (`torch.nn.functional.conv2d`, `torch.nn.grad.conv2d_input` / `conv2d_weight`, NCHW, the layout
 its CPU kernels prefer), plus, for the CNN, both libraries' whole EW step (`benchmarks.peers`).
 Every function is jitted / warmed and timed round-robin in the same rounds
@@ -58,18 +59,24 @@ MODELS = {
 }
 OPS = (
     "forward",
-    "input grad",
+    "input grad (XLA)",
+    "input grad (ours)",
     "kernel grad (XLA)",
     "kernel grad (per-tap)",
     "kernel grad (ours)",
 )
-# Kernel gradients that are alternatives to ours: timed, but not part of the step's sum.
-ALTERNATIVES = ("kernel grad (XLA)", "kernel grad (per-tap)")
+# Gradients that are alternatives to ours: timed, but not part of the step's sum.
+ALTERNATIVES = ("input grad (XLA)", "kernel grad (XLA)", "kernel grad (per-tap)")
 
 
 def in_step(convs, conv: str, op: str) -> bool:
     """Whether a training step computes ``op`` of ``conv``: not the first conv's input grad."""
-    return not (conv == convs[0][0] and op == "input grad")
+    return not (conv == convs[0][0] and op.startswith("input grad"))
+
+
+def torch_op(op: str) -> str:
+    """PyTorch's op that ``op`` is compared with (one input and one kernel gradient)."""
+    return op.split(" (")[0]
 
 
 def _out_hw(n: int, stride: int) -> int:
@@ -79,7 +86,7 @@ def _out_hw(n: int, stride: int) -> int:
 def jax_ops(
     h: int, w: int, cin: int, cout: int, stride: int, batch: int
 ) -> dict[str, Callable[[], jax.Array]]:
-    """Jitted forward, input gradient and the three kernel gradients of one convolution."""
+    """Jitted forward, the two input gradients and three kernel gradients of one convolution."""
     kx, kw, ky = jax.random.split(jax.random.key(0), 3)
     x = common.normal(kx, (batch, h, w, cin))
     k = common.normal(kw, (3, 3, cin, cout))
@@ -92,16 +99,17 @@ def jax_ops(
     xla, ours = conv(jax.lax.conv_general_dilated), conv(layers.conv_general_dilated)
     per_tap = conv(functools.partial(layers.conv_general_dilated, cpu_kernel_grad="per_tap"))
 
+    def input_grad(fn):
+        return jax.jit(lambda x, k, dy: jax.vjp(lambda x: fn(x, k), x)[1](dy)[0])
+
     def kernel_grad(fn):
         return jax.jit(lambda x, k, dy: jax.vjp(lambda k: fn(x, k), k)[1](dy)[0])
 
     fwd = jax.jit(xla)
-    dx = jax.jit(lambda x, k, dy: jax.vjp(lambda x: xla(x, k), x)[1](dy)[0])
-    dw = {name: kernel_grad(fn) for name, fn in zip(OPS[2:], (xla, per_tap, ours), strict=True)}
+    grads = [input_grad(xla), input_grad(ours)] + [kernel_grad(f) for f in (xla, per_tap, ours)]
     return {
         "forward": lambda: fwd(x, k),
-        "input grad": lambda: dx(x, k, dy),
-        **{name: functools.partial(fn, x, k, dy) for name, fn in dw.items()},
+        **{name: functools.partial(fn, x, k, dy) for name, fn in zip(OPS[1:], grads, strict=True)},
     }
 
 
@@ -171,8 +179,7 @@ def to_markdown(results: dict) -> str:
             jax_key = f"jax {name} {op}"
             if jax_key not in ms:
                 continue
-            torch_op = "kernel grad" if op.startswith("kernel grad") else op
-            torch_key = f"torch {name} {torch_op}"
+            torch_key = f"torch {name} {torch_op(op)}"
             ratio = f"{ms[jax_key] / ms[torch_key]:.2f}x" if torch_key in ms else "-"
             if op not in ALTERNATIVES:
                 totals["jax"] += ms[jax_key]

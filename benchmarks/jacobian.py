@@ -5,9 +5,9 @@ in one process: the forward pass alone, an equal-weight step (``jax.grad`` of th
 ``mtl.value_and_jacobian`` with its default settings and each strategy, a Python loop of K
 ``jax.grad`` calls inside one ``jit``, vmap in chunks, and ``jax.jacrev``; each as a ratio to EW,
 plus XLA's temporary memory of the compiled function. Four more rows time the EW step and the
-default engine with `mtl_jax.models.layers.conv_general_dilated`'s per-tap kernel gradient for
-every shape (``cpu_kernel_grad='per_tap'``, its form before the blocked im2col one) and with
-XLA's own convolution (``jax.lax.conv_general_dilated``): the before/after of each change.
+default engine with `mtl_jax.models.layers.conv_general_dilated` as it was before 8 December
+2026 ("previous conv": ``cpu_kernel_grad='per_tap'``, ``cpu_input_grad='xla'``) and with XLA's
+own convolution (``jax.lax.conv_general_dilated``): the before/after of each change.
 
     python -m benchmarks.jacobian                       # K = 2, 3, 10, 40
     python -m benchmarks.jacobian --tasks 3 10 --repeats 3 --out benchmarks/results
@@ -42,9 +42,9 @@ def formulations(num_tasks: int, chunk: int) -> dict:
         f"vmap, chunk_size={chunk}": mtl.value_and_jacobian(f, strategy="vmap", chunk_size=chunk),
         "loop of K jax.grad in jit": loop_of_grads,
         "jax.jacrev": jax.jacrev(f),
-        "EW step, per-tap kernel grad": jax.grad(lambda p, b: jnp.sum(f(p, b, conv="per_tap"))),
-        "value_and_jacobian, per-tap kernel grad": mtl.value_and_jacobian(
-            lambda p, b: f(p, b, conv="per_tap")
+        "EW step, previous conv": jax.grad(lambda p, b: jnp.sum(f(p, b, conv="previous"))),
+        "value_and_jacobian, previous conv": mtl.value_and_jacobian(
+            lambda p, b: f(p, b, conv="previous")
         ),
         "EW step, XLA's conv": jax.grad(lambda p, b: jnp.sum(f(p, b, conv="xla"))),
         "value_and_jacobian, XLA's conv": mtl.value_and_jacobian(lambda p, b: f(p, b, conv="xla")),
@@ -70,7 +70,7 @@ def run(tasks: list[int], repeats: int, chunk: int) -> dict:
             for n in times
             if n not in ("forward", "EW step (grad of sum)")
             and "XLA" not in n
-            and "per-tap" not in n
+            and "previous" not in n
         ]
         fastest = min(engine, key=times.get)
         row = {

@@ -15,11 +15,15 @@ def test_timed_ops_are_the_convolution_and_its_two_gradients():
     y = fns["forward"]()
     dw_xla = fns["kernel grad (XLA)"]()
     assert y.shape == (3, 4, 5, 6) and dw_xla.shape == (3, 3, 4, 6)
-    assert fns["input grad"]().shape == (3, 8, 10, 4)
-    for alt in ("kernel grad (per-tap)", "kernel grad (ours)"):
-        np.testing.assert_allclose(
-            fns[alt](), dw_xla, rtol=1e-4, atol=1e-4 * float(abs(dw_xla).max()), err_msg=alt
-        )
+    dx_xla = fns["input grad (XLA)"]()
+    assert dx_xla.shape == (3, 8, 10, 4)
+    for alt, ref in (
+        ("input grad (ours)", dx_xla),
+        ("kernel grad (per-tap)", dw_xla),
+        ("kernel grad (ours)", dw_xla),
+    ):
+        tol = 1e-4 * float(abs(ref).max())
+        np.testing.assert_allclose(fns[alt](), ref, rtol=1e-4, atol=tol, err_msg=alt)
 
 
 def _fake_results(model: str) -> dict:
@@ -53,13 +57,15 @@ def test_table_sums_the_step_convolutions_and_ratios():
     assert "| whole | EW step (+ Adam) | 30.0 | 20.0 | 1.50x |" in table
     assert "| conv2 | kernel grad (XLA) | 9.0 | 1.0 | 9.00x |" in table
     assert "| conv2 | kernel grad (per-tap) | 9.0 | 1.0 | 9.00x |" in table
+    assert "| conv2 | input grad (XLA) | 9.0 | 1.0 | 9.00x |" in table
+    assert "| conv1 | input grad" not in table
 
 
 def test_segnet_table_has_its_nine_convolutions_and_no_step_row():
     table = conv_ops.to_markdown(_fake_results("segnet"))
     # 9 convs x 3 step ops (forward, input grad, our kernel grad), less the first input grad.
     assert "| sum | our step's convolutions | 52.0 | 26.0 | 2.00x |" in table
-    assert "EW step" not in table and "| 288x384 64->64 | input grad | 2.0 |" in table
+    assert "EW step" not in table and "| 288x384 64->64 | input grad (ours) | 2.0 |" in table
     assert "segnet, batch 2" in table
 
 

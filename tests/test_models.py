@@ -140,6 +140,10 @@ _CONV_CASES = [  # input, kernel, strides, padding, kernel dilation
     ((2, 12, 12, 4), (3, 3, 4, 2), (1, 1), ((2, 2), (2, 2)), (2, 2)),
     ((1, 8, 8, 2), (1, 1, 2, 3), (1, 1), ((0, 0), (0, 0)), (1, 1)),
     ((2, 10, 9, 3), (5, 5, 3, 4), (2, 2), ((3, 1), (2, 3)), (1, 1)),
+    ((2, 7, 8, 3), (1, 1, 3, 4), (2, 2), "VALID", (1, 1)),  # phases no tap reads
+    ((1, 10, 11, 2), (3, 3, 2, 3), (3, 3), "SAME", (1, 1)),
+    ((2, 3, 3, 2), (3, 3, 2, 2), (2, 2), ((0, 4), (2, 0)), (1, 1)),  # crops a phase
+    ((2, 9, 9, 2), (3, 3, 2, 2), (2, 2), "SAME", (2, 2)),  # strided and dilated: XLA's dx
 ]
 
 
@@ -235,6 +239,32 @@ def test_conv_kernel_derivative_runs_in_the_chosen_blocks(budget, blocks, monkey
     assert lengths == ([] if blocks is None else [str(blocks)])
 
 
+@pytest.mark.parametrize("form", ["phases", "xla"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_conv_cpu_input_grad_can_be_picked_by_hand(form, strides):
+    """Both input-gradient forms give lax's; 'phases' is stride-1 convolutions only."""
+    x, w = _normal(0, (2, 9, 11, 3)), _normal(1, (3, 3, 3, 5))
+    ct = _normal(2, jax.eval_shape(lambda: _lax_nhwc(x, w, strides)).shape)
+
+    def input_grad(conv):
+        def grad(x):
+            _, vjp = jax.vjp(lambda x: conv(x, w, strides, "SAME", dimension_numbers=_NHWC), x)
+            return vjp(ct)[0]
+
+        return grad
+
+    ours = functools.partial(layers.conv_general_dilated, cpu_input_grad=form)
+    ref = jax.jit(input_grad(jax.lax.conv_general_dilated))(x)
+    np.testing.assert_allclose(jax.jit(input_grad(ours))(x), ref, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(input_grad(ours)).lower(x).as_text()
+    lhs_dilated = "lhs_dilate = [2, 2]" in hlo
+    assert lhs_dilated == (form == "xla" and strides == (2, 2))
+
+
+def _lax_nhwc(x, w, strides):
+    return jax.lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=_NHWC)
+
+
 @pytest.mark.parametrize("form", ["im2col", "per_tap", "xla"])
 def test_conv_cpu_kernel_grad_can_be_picked_by_hand(form, monkeypatch):
     """Each named form gives lax's kernel gradient; 'im2col' is used even above the depth
@@ -257,10 +287,12 @@ def test_conv_cpu_kernel_grad_can_be_picked_by_hand(form, monkeypatch):
     assert lengths == (["10"] if form == "im2col" else [])
 
 
-def test_conv_unknown_cpu_kernel_grad_lists_the_valid_ones():
+def test_conv_unknown_cpu_grad_forms_list_the_valid_ones():
     x, w = _normal(0, (1, 4, 4, 2)), _normal(1, (3, 3, 2, 2))
     with pytest.raises(ValueError, match="unknown cpu_kernel_grad 'fast'.*auto, im2col, per_tap"):
         layers.conv_general_dilated(x, w, (1, 1), "SAME", cpu_kernel_grad="fast")
+    with pytest.raises(ValueError, match="unknown cpu_input_grad 'im2col'.*auto, phases, xla"):
+        layers.conv_general_dilated(x, w, (1, 1), "SAME", cpu_input_grad="im2col")
 
 
 @pytest.mark.parametrize("blocking", list(_BLOCKINGS))

@@ -8,6 +8,7 @@ model is a pure function of ``(params, batch_stats, inputs, key)`` once split wi
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 
@@ -114,8 +115,10 @@ def _blocked_im2col_conv(x: jax.Array, w: jax.Array, strides, pads, dilation) ->
     return out.reshape(b, ho, wo, cout).astype(jnp.result_type(x.dtype, w.dtype))
 
 
-# The forms of the kernel derivative on CPU (`conv_general_dilated`'s ``cpu_kernel_grad``).
+# The forms of the kernel and input derivatives on CPU (`conv_general_dilated`'s
+# ``cpu_kernel_grad`` and ``cpu_input_grad``).
 CPU_KERNEL_GRADS = ("auto", "im2col", "per_tap", "xla")
+CPU_INPUT_GRADS = ("auto", "phases", "xla")
 
 
 def _cpu_linear_in_w(x: jax.Array, w: jax.Array, strides, pads, dilation, form: str):
@@ -134,22 +137,71 @@ def _xla_conv(x: jax.Array, w: jax.Array, strides, pads, dilation) -> jax.Array:
     )
 
 
+def _phase_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
+    """A strided, undilated ``conv(x, w)`` as a sum of stride-1 convolutions over input phases.
+
+    Linear in ``x``. Output ``o`` reads input ``s*o + i - lo`` through tap ``i``; that input
+    lies in phase ``(i - lo) mod s`` (the sub-image ``x[phase::s]``), at index ``o + c`` for
+    a constant ``c`` per tap, so each phase meets the taps ``w[i0::s]`` in a stride-1 (VALID,
+    after padding or cropping the phase by ``-c``) convolution. Its transpose -- the input
+    gradient -- is stride-1 convolutions and interleaving, where XLA's transpose of a strided
+    convolution is one over an input dilated with zeros (which it multiplies by).
+    """
+    kernel_hw, in_hw = w.shape[:2], x.shape[1:3]
+    out_hw = [
+        (n + lo + hi - k) // s + 1
+        for n, (lo, hi), k, s in zip(in_hw, pads, kernel_hw, strides, strict=True)
+    ]
+    out = None
+    for phase in itertools.product(*(range(s) for s in strides)):
+        taps, crops = [], []
+        per_axis = zip(phase, strides, kernel_hw, pads, in_hw, out_hw, strict=True)
+        for p, s, k, (lo, _), n, o in per_axis:
+            first = (p + lo) % s  # the first tap i with (i - lo) mod s == p
+            num_taps, c = len(range(first, k, s)), (first - lo - p) // s
+            taps.append(slice(first, None, s))
+            crops.append((-c, o - 1 + c + num_taps - len(range(p, n, s)), 0))
+        sub_w = w[taps[0], taps[1]]
+        if sub_w.size == 0:  # a phase no tap reads (kernel smaller than the stride)
+            continue
+        xs = x[:, phase[0] :: strides[0], phase[1] :: strides[1], :]
+        xs = jax.lax.pad(xs, jnp.zeros((), x.dtype), ((0, 0, 0), *crops, (0, 0, 0)))
+        term = jax.lax.conv_general_dilated(xs, sub_w, (1, 1), "VALID", dimension_numbers=_NHWC)
+        out = term if out is None else out + term
+    return out
+
+
+def _cpu_linear_in_x(x: jax.Array, w: jax.Array, strides, pads, dilation, form: str):
+    if all(d == 1 for d in dilation) and (
+        form == "phases" or (form == "auto" and any(s > 1 for s in strides))
+    ):
+        return _phase_conv(x, w, strides, pads)
+    return _xla_conv(x, w, strides, pads, dilation)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_nhwc(x: jax.Array, w: jax.Array, strides, pads, dilation, form: str) -> jax.Array:
+def _conv_nhwc(x: jax.Array, w: jax.Array, strides, pads, dilation, forms) -> jax.Array:
     return _xla_conv(x, w, strides, pads, dilation)
 
 
 @_conv_nhwc.defjvp
-def _conv_nhwc_jvp(strides, pads, dilation, form, primals, tangents):
+def _conv_nhwc_jvp(strides, pads, dilation, forms, primals, tangents):
     x, w = primals
     dx, dw = tangents
-    out = _conv_nhwc(x, w, strides, pads, dilation, form)
-    d_from_x = _xla_conv(dx, w, strides, pads, dilation)
-    # The weight term: blocked im2col or tap matmuls on CPU (fast transpose), XLA's elsewhere.
+    kernel_form, input_form = forms
+    out = _conv_nhwc(x, w, strides, pads, dilation, forms)
+    # Both terms in a form linear in the tangent whose transpose is fast on CPU (input
+    # phases; blocked im2col or tap matmuls), XLA's convolution elsewhere.
+    d_from_x = jax.lax.platform_dependent(
+        dx,
+        w,
+        cpu=lambda a, b: _cpu_linear_in_x(a, b, strides, pads, dilation, input_form),
+        default=lambda a, b: _xla_conv(a, b, strides, pads, dilation),
+    )
     d_from_w = jax.lax.platform_dependent(
         x,
         dw,
-        cpu=lambda a, b: _cpu_linear_in_w(a, b, strides, pads, dilation, form),
+        cpu=lambda a, b: _cpu_linear_in_w(a, b, strides, pads, dilation, kernel_form),
         default=lambda a, b: _xla_conv(a, b, strides, pads, dilation),
     )
     return out, d_from_x + d_from_w.astype(d_from_x.dtype)
@@ -169,30 +221,40 @@ def conv_general_dilated(
     preferred_element_type=None,
     *,
     cpu_kernel_grad: str = "auto",
+    cpu_input_grad: str = "auto",
     **kwargs,
 ) -> jax.Array:
-    """`jax.lax.conv_general_dilated` with a fast weight gradient on XLA's CPU backend.
+    """`jax.lax.conv_general_dilated` with fast gradients on XLA's CPU backend.
 
     Same signature and forward result; pass it as ``nnx.Conv(..., conv_general_dilated=...)``.
-    For 2-D NHWC / HWIO convolutions without input dilation or grouping, the derivative w.r.t.
-    the kernel is defined (as a JVP, so forward and reverse mode both work) by a form linear in
-    the kernel whose transpose XLA's CPU backend runs well: a loop over cache-sized blocks of
-    im2col matmuls (contractions ``kh*kw*C_in <= 2304``) or a sum over kernel taps of
-    strided-slice matmuls (deeper ones). On CPU that makes the weight gradient -- which XLA
-    computes as a batch-contracting convolution, its slowest convolution on CPU -- faster (the
-    benchmark CNN's three weight gradients, and the full-resolution SegNet's: see README
-    "Benchmarks"); on GPU/TPU (`jax.lax.platform_dependent`) XLA's own convolution is used.
-    Any other configuration is passed to `jax.lax.conv_general_dilated` unchanged.
+    For 2-D NHWC / HWIO convolutions without input dilation or grouping, the derivatives are
+    defined (as a JVP, so forward and reverse mode both work) by forms linear in the tangent
+    whose transposes XLA's CPU backend runs well:
 
-    ``cpu_kernel_grad`` picks the CPU form by hand (e.g. to time it on another CPU, with
-    ``functools.partial``): ``'auto'`` (the rule above), ``'im2col'``, ``'per_tap'`` or
-    ``'xla'`` (XLA's own weight-gradient convolution).
+    * w.r.t. the kernel, a loop over cache-sized blocks of im2col matmuls (contractions
+      ``kh*kw*C_in <= 2304``) or a sum over kernel taps of strided-slice matmuls (deeper ones),
+      where XLA's own is a batch-contracting convolution, its slowest convolution on CPU;
+    * w.r.t. the input of a strided, undilated convolution, a sum of stride-1 convolutions over
+      the input's phases, where XLA's own convolves an input dilated with zeros.
+
+    Measured speed-ups (the benchmark CNN's and the full-resolution SegNet's convolutions):
+    README "Benchmarks". On GPU/TPU (`jax.lax.platform_dependent`) XLA's own convolutions are
+    used. Any other configuration is passed to `jax.lax.conv_general_dilated` unchanged.
+
+    ``cpu_kernel_grad`` / ``cpu_input_grad`` pick the CPU forms by hand (e.g. to time them on
+    another CPU, with ``functools.partial``): ``'auto'`` (the rules above), ``'im2col'``,
+    ``'per_tap'`` or ``'xla'`` (XLA's own convolution) for the kernel; ``'auto'``,
+    ``'phases'`` (also for a stride-1 convolution: one phase) or ``'xla'`` for the input
+    (a dilated kernel always uses XLA's).
     """
-    if cpu_kernel_grad not in CPU_KERNEL_GRADS:
-        raise ValueError(
-            f"conv_general_dilated: unknown cpu_kernel_grad {cpu_kernel_grad!r}; "
-            f"valid: {', '.join(CPU_KERNEL_GRADS)}."
-        )
+    for name, value, valid in (
+        ("cpu_kernel_grad", cpu_kernel_grad, CPU_KERNEL_GRADS),
+        ("cpu_input_grad", cpu_input_grad, CPU_INPUT_GRADS),
+    ):
+        if value not in valid:
+            raise ValueError(
+                f"conv_general_dilated: unknown {name} {value!r}; valid: {', '.join(valid)}."
+            )
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     ndim = lhs.ndim - 2
@@ -227,7 +289,8 @@ def conv_general_dilated(
             preferred_element_type=preferred_element_type,
             **kwargs,
         )
-    return _conv_nhwc(lhs, rhs, strides, tuple(pads), dilation, cpu_kernel_grad)
+    forms = (cpu_kernel_grad, cpu_input_grad)
+    return _conv_nhwc(lhs, rhs, strides, tuple(pads), dilation, forms)
 
 
 _TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
